@@ -1,0 +1,448 @@
+"""A deterministic multi-speaker English demo corpus, synthesized with Festival, with exact phone alignments.
+
+Each voice (`kal`, `ked`, `slt`) times each speed factor is one speaker. Festival gives the waveform and the end time of
+every segment; a speed factor is applied by treating the signal as if it were sampled at `rate * factor` Hz and
+resampling it to 16 kHz, which changes tempo and pitch together and scales every phone time exactly by `1 / factor`.
+
+    python -m hubert_pipeline.demo data/demo --train-minutes 40 --valid-minutes 4 --abx-minutes 4 --workers 2
+
+writes `wav/{train,valid,abx}/<speaker>/<fileid>.wav`, `alignments/<split>.jsonl`, `abx.item` and `summary.json`.
+The same parameters give byte-identical files, whatever the number of workers.
+"""
+
+import argparse
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import unicodedata
+import wave
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hubert_pipeline.io import atomic_open, atomic_path, write_json
+from hubert_pipeline.params import DemoParams
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+SPLITS = ("train", "valid", "abx")
+VOICES = {"kal": "kal_diphone", "ked": "ked_diphone", "slt": "cmu_us_slt_arctic_hts"}
+LICENSES = Path("/usr/share/common-licenses")
+ABX_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
+SILENCE = "pau"
+MIN_WORDS, MAX_WORDS = 3, 30  # shorter sentences are dropped, longer ones cut (30 words ~ 12 s at speed 1)
+SECONDS_PER_WORD = 0.39  # Festival's pace at speed 1, pauses included; only used to plan, refined as audio comes in
+UTTERANCE_SECONDS = (2.0, 14.0)  # target length of an utterance at speed 1
+BATCH_JOBS = 40  # utterances per Festival process (startup and voice loading take ~0.2 s)
+
+
+@dataclass(frozen=True)
+class Speaker:
+    voice: str
+    speed: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.voice}-s{round(self.speed * 100):03d}"
+
+
+@dataclass(frozen=True)
+class Job:
+    split: str
+    index: int
+    text: str
+    speaker: Speaker
+
+    @property
+    def fileid(self) -> str:
+        return f"{self.speaker.name}_{self.split}_{self.index:05d}"
+
+    @property
+    def words(self) -> int:
+        return len(self.text.split())
+
+
+@dataclass(frozen=True)
+class Synthesized:
+    job: Job
+    path: Path  # Festival's wav, at its own sample rate
+    sample_rate: int
+    num_samples: int
+    ends: tuple[tuple[str, float], ...]  # (phone, end in seconds) for each item of the Segment relation
+
+    @property
+    def orig_freq(self) -> int:
+        """The rate the signal is declared to have before resampling to 16 kHz: this applies the speed factor."""
+        return round(self.sample_rate * self.job.speaker.speed)
+
+    @property
+    def num_output_samples(self) -> int:
+        return math.ceil(self.num_samples * SAMPLE_RATE / self.orig_freq)
+
+    @property
+    def duration(self) -> float:
+        return self.num_output_samples / SAMPLE_RATE
+
+
+def speakers_of(params: DemoParams) -> list[Speaker]:
+    if unknown := [v for v in params.voices if v not in VOICES]:
+        raise ValueError(f"unknown demo voice(s) {unknown}; known voices are {sorted(VOICES)}")
+    speakers = [Speaker(voice, speed) for voice in params.voices for speed in params.speeds]
+    names = [s.name for s in speakers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"demo voices x speeds give duplicate speaker names {names}")
+    return speakers
+
+
+def read_text(path: str) -> str:
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"demo text file {path} does not exist")
+        return Path(path).read_text(encoding="utf-8")
+    if not LICENSES.is_dir():
+        raise FileNotFoundError(f"{LICENSES} does not exist: set demo.text to a UTF-8 text file")
+    files = sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink())  # GPL -> GPL-3 etc.
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+
+
+def _clean(paragraph: str) -> str:
+    text = unicodedata.normalize("NFKD", paragraph).encode("ascii", "ignore").decode()
+    text = re.sub(r"<[^>]*>|https?://\S+|www\.\S+|\S+@\S+", " ", text)  # URLs and addresses are spelled letter by letter
+    text = re.sub(r"[^A-Za-z0-9.,;:!?'()\- ]", " ", text)
+    return " ".join(text.split())
+
+
+def _pieces(words: list[str]) -> Iterator[list[str]]:
+    """Cut a long sentence into pieces of at most MAX_WORDS words, at clause ends (`,;:`) where possible."""
+    clauses: list[list[str]] = [[]]
+    for word in words:
+        clauses[-1].append(word)
+        if word[-1] in ",;:":
+            clauses.append([])
+    piece: list[str] = []
+    for clause in filter(None, clauses):
+        if piece and len(piece) + len(clause) > MAX_WORDS:
+            yield piece
+            piece = []
+        count = math.ceil((len(piece) + len(clause)) / MAX_WORDS)  # > 1 only for a clause too long on its own
+        for i in range(count - 1):
+            yield clause[i * len(clause) // count : (i + 1) * len(clause) // count]
+        piece += clause[(count - 1) * len(clause) // count :]
+    if piece:
+        yield piece
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences (or pieces of long ones) of MIN_WORDS..MAX_WORDS words, in text order, each kept once."""
+    paragraphs, current = [], []
+    for line in [*text.splitlines(), ""]:
+        visible = line.replace(" ", "").replace("\t", "")
+        if visible and sum(c.isalpha() for c in visible) >= 0.6 * len(visible):
+            current.append(line)
+        elif not visible or current:  # a blank or mostly non-letter line ends the paragraph
+            paragraphs.append(" ".join(current))
+            current = []
+    result, seen = [], set()
+    for paragraph in paragraphs:
+        for sentence in re.split(r"(?<=[.!?;:])\s+(?=[\"'(]?[A-Z0-9])", _clean(paragraph)):
+            words = sentence.split()
+            if len(words) < MIN_WORDS or sum(c.isalpha() for c in sentence) < 2 * len(words):
+                continue
+            for piece in _pieces(words):
+                key = " ".join(piece).lower()
+                if len(piece) >= MIN_WORDS and key not in seen:
+                    seen.add(key)
+                    result.append(" ".join(piece))
+    return result
+
+
+def utterances(sents: list[str], seed: int) -> list[str]:
+    """Group consecutive sentences into utterances of a seeded random target length."""
+    rng = random.Random(f"{seed}-utterances")
+    result: list[str] = []
+    i = 0
+    while i < len(sents):
+        budget = rng.uniform(*UTTERANCE_SECONDS) / SECONDS_PER_WORD
+        group = [sents[i]]
+        i += 1
+        while i < len(sents) and sum(len(s.split()) for s in [*group, sents[i]]) <= budget:
+            group.append(sents[i])
+            i += 1
+        result.append(" ".join(group))
+    return result
+
+
+def regions(utts: list[str], minutes: dict[str, float]) -> dict[str, list[str]]:
+    """Cut the utterances into consecutive regions, one per split, proportional to its minutes."""
+    active = [s for s in SPLITS if minutes[s] > 0]
+    if len(utts) < len(active):
+        logger.warning("the demo text gives only %d utterances: splits share their sentences", len(utts))
+        return dict.fromkeys(active, utts)
+    total, bounds, acc = sum(minutes[s] for s in active), [0], 0.0
+    for k, split in enumerate(active):  # every region gets at least one utterance
+        acc += minutes[split]
+        end = max(round(len(utts) * acc / total), bounds[-1] + 1)
+        bounds.append(min(end, len(utts) - (len(active) - k - 1)))
+    return {split: utts[bounds[k] : bounds[k + 1]] for k, split in enumerate(active)}
+
+
+def jobs(split: str, region: list[str], speakers: list[Speaker], seed: int) -> Iterator[Job]:
+    """Endless jobs for one split: the region again and again, each pass shifting every utterance to the next speaker.
+
+    On the first pass speakers are dealt in seeded random permutations, so any len(speakers) consecutive jobs use each
+    speaker once; within len(speakers) passes every utterance has been read by every speaker.
+    """
+    rng = random.Random(f"{seed}-{split}-speakers")
+    first: list[int] = []
+    while len(first) < len(region):
+        first += rng.sample(range(len(speakers)), len(speakers))
+    index = 0
+    while True:
+        for u, text in enumerate(region):
+            speaker = speakers[(first[u] + index // len(region)) % len(speakers)]
+            yield Job(split, index, text, speaker)
+            index += 1
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _festival_script(voice: str, batch: list[Job], folder: Path) -> str:
+    lines = [
+        f"(voice_{VOICES[voice]})",
+        '(format t "VOICE-OK\\n")',
+        "(define (demo_synth fileid text path)",
+        "  (let ((utt (utt.synth (eval (list 'Utterance 'Text text)))))",
+        "    (utt.save.wave utt path 'riff)",
+        '    (format t "BEGIN %s\\n" fileid)',
+        "    (mapcar (lambda (s) (format t \"SEG %s %f\\n\" (item.name s) (item.feat s \"end\")))",
+        "            (utt.relation.items utt 'Segment))",
+        '    (format t "END %s\\n" fileid)))',
+    ]
+    for job in batch:
+        call = f"(demo_synth {_quote(job.fileid)} {_quote(job.text)} {_quote(str(folder / f"{job.fileid}.wav"))})"
+        lines.append(f'(unwind-protect {call} (format t "FAIL %s\\n" {_quote(job.fileid)}))')
+    return "\n".join(lines) + "\n"
+
+
+def run_festival(voice: str, batch: list[Job], folder: Path) -> list[Synthesized]:
+    """Synthesize a batch of jobs of one voice in one Festival process; jobs Festival fails on are left out."""
+    script = folder / f"{batch[0].fileid}.scm"
+    script.write_text(_festival_script(voice, batch, folder), encoding="ascii")
+    proc = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not proc.stdout.startswith("VOICE-OK"):
+        raise RuntimeError(f"festival failed on voice {VOICES[voice]} (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    ends: dict[str, list[tuple[str, float]]] = {}
+    done: set[str] = set()
+    for line in proc.stdout.splitlines():
+        tag, _, rest = line.partition(" ")
+        if tag == "BEGIN":
+            current = ends.setdefault(rest, [])
+        elif tag == "SEG":
+            name, end = rest.split()
+            current.append((name, float(end)))
+        elif tag == "END":
+            done.add(rest)
+    results = []
+    for job in batch:
+        if job.fileid not in done or not ends[job.fileid]:
+            logger.warning("festival failed on %s (%r); skipped", job.fileid, job.text)
+            continue
+        path = folder / f"{job.fileid}.wav"
+        with wave.open(str(path), "rb") as w:
+            if w.getnchannels() != 1 or w.getsampwidth() != 2:  # noqa: PLR2004
+                raise RuntimeError(f"festival wrote {path} with {w.getnchannels()} channels, {w.getsampwidth()} bytes")
+            results.append(Synthesized(job, path, w.getframerate(), w.getnframes(), tuple(ends[job.fileid])))
+    return results
+
+
+def _phones(synth: Synthesized) -> list[list[Any]]:
+    """Segments as [onset, offset, phone] after the speed scaling, covering exactly [0, duration]."""
+    scale, duration = synth.sample_rate / synth.orig_freq, round(synth.duration, 4)
+    if abs(synth.ends[-1][1] * scale - synth.duration) > 0.05:  # noqa: PLR2004
+        logger.debug("%s: segments end at %.3f s, audio at %.3f s", synth.job.fileid, synth.ends[-1][1] * scale, duration)
+    phones: list[list[Any]] = []
+    onset = 0.0
+    for k, (name, end) in enumerate(synth.ends):
+        offset = duration if k == len(synth.ends) - 1 else min(round(end * scale, 4), duration)
+        if offset > onset:
+            phones.append([onset, offset, name])
+            onset = offset
+    return phones
+
+
+def write_wav(synth: Synthesized, path: Path) -> None:
+    import numpy as np
+    import torch
+    import torchaudio
+
+    with wave.open(str(synth.path), "rb") as w:
+        samples = np.frombuffer(w.readframes(synth.num_samples), dtype="<i2")
+    x = torch.from_numpy(samples.astype(np.float32) / 32768)
+    if synth.orig_freq != SAMPLE_RATE:
+        x = torchaudio.functional.resample(x, synth.orig_freq, SAMPLE_RATE)
+    assert x.numel() == synth.num_output_samples, (x.numel(), synth.num_output_samples)
+    pcm = (x * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy().astype("<i2")
+    with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(pcm.tobytes())
+
+
+def _abx_items(records: list[dict[str, Any]]) -> list[str]:
+    lines = [ABX_HEADER]
+    for record in records:
+        phones = record["phones"]
+        for k in range(1, len(phones) - 1):
+            onset, offset, phone = phones[k]
+            if phone == SILENCE:
+                continue
+            prev, nxt = ("SIL" if p[2] == SILENCE else p[2] for p in (phones[k - 1], phones[k + 1]))
+            lines.append(f"{record['fileid']} {onset:.4f} {offset:.4f} {phone} {prev} {nxt} {record['speaker']}")
+    return lines
+
+
+def _accepted(results: list[Synthesized], seconds: float, speakers: int) -> int | None:
+    """Length of the shortest prefix of `results` that reaches `seconds` and has every speaker, if any."""
+    total, seen = 0.0, set()
+    for k, synth in enumerate(results):
+        total += synth.duration
+        seen.add(synth.job.speaker)
+        if total >= seconds and len(seen) == speakers:
+            return k + 1
+    return None
+
+
+def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1) -> dict:  # noqa: C901, PLR0915
+    """Synthesize the demo corpus into `out_dir`; return the summary also written to `out_dir/summary.json`."""
+    from tqdm import tqdm
+
+    out_dir = Path(out_dir)
+    speakers = speakers_of(params)
+    if shutil.which("festival") is None:
+        raise RuntimeError("festival is not on PATH (apt-get install festival festvox-kallpc16k ...)")
+    minutes = {"train": params.train_minutes, "valid": params.valid_minutes, "abx": params.abx_minutes}
+    utts = utterances(sentences(read_text(params.text)), params.seed)
+    if not utts:
+        raise ValueError(f"no usable sentence in demo text {params.text or LICENSES}")
+    streams = {split: jobs(split, region, speakers, params.seed) for split, region in regions(utts, minutes).items()}
+    logger.info("demo: %d utterances of text, %d speakers, minutes %s", len(utts), len(speakers), minutes)
+
+    results: dict[str, list[Synthesized]] = {split: [] for split in streams}
+    accepted: dict[str, int] = {}
+    rate = SECONDS_PER_WORD
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(dir=out_dir, prefix=".festival-") as tmp,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=round(60 * sum(minutes.values())), unit="s", desc="synthesizing demo") as bar,
+    ):
+        while pending := [split for split in streams if split not in accepted]:
+            todo: list[Job] = []
+            for split in pending:  # plan jobs for the missing seconds, and for the speakers not heard yet
+                missing = 60 * minutes[split] - sum(s.duration for s in results[split])
+                seen = {s.job.speaker for s in results[split]}
+                while missing > 0 or len(seen) < len(speakers):
+                    todo.append(job := next(streams[split]))
+                    missing -= 1.05 * rate * job.words / job.speaker.speed
+                    seen.add(job.speaker)
+            batches = []
+            for voice in params.voices:  # one voice per Festival process, at least `workers` processes per voice
+                of_voice = [j for j in todo if j.speaker.voice == voice]
+                count = min(len(of_voice), max(workers, math.ceil(len(of_voice) / BATCH_JOBS)))
+                batches += [of_voice[i * len(of_voice) // count : (i + 1) * len(of_voice) // count] for i in range(count)]
+            futures = [pool.submit(run_festival, b[0].speaker.voice, b, Path(tmp)) for b in batches]
+            done: dict[Job, Synthesized] = {}
+            for future in futures:
+                for synth in future.result():
+                    done[synth.job] = synth
+                    bar.update(min(round(synth.duration), bar.total - bar.n))
+            if not done:
+                raise RuntimeError("festival synthesized none of the planned utterances")
+            for split in pending:
+                results[split] += [done[j] for j in todo if j.split == split and j in done]
+                if (k := _accepted(results[split], 60 * minutes[split], len(speakers))) is not None:
+                    accepted[split] = k
+                    results[split] = results[split][:k]
+            synthesized = [s for split in results for s in results[split]]
+            rate = sum(s.duration * s.job.speaker.speed for s in synthesized) / sum(s.job.words for s in synthesized)
+
+        finished = [s for split in results for s in results[split]]
+        paths = {s.job: out_dir / "wav" / s.job.split / s.job.speaker.name / f"{s.job.fileid}.wav" for s in finished}
+        for _ in tqdm(pool.map(lambda s: write_wav(s, paths[s.job]), finished), total=len(finished), desc="writing"):
+            pass
+
+    summary: dict[str, Any] = {
+        "seed": params.seed,
+        "voices": list(params.voices),
+        "speeds": list(params.speeds),
+        "speakers": [s.name for s in speakers],
+        "text": params.text or str(LICENSES),
+        "sample_rate": SAMPLE_RATE,
+        "splits": {},
+    }
+    records: dict[str, list[dict[str, Any]]] = {}
+    for split in SPLITS:
+        done_split = sorted(results.get(split, []), key=lambda s: s.job.fileid)
+        records[split] = [{"fileid": s.job.fileid, "speaker": s.job.speaker.name, "phones": _phones(s)} for s in done_split]
+        with atomic_open(out_dir / "alignments" / f"{split}.jsonl") as f:
+            f.writelines(json.dumps(record) + "\n" for record in records[split])
+        seconds = sum(s.num_output_samples for s in done_split) / SAMPLE_RATE
+        summary["splits"][split] = {"files": len(done_split), "minutes": round(seconds / 60, 4)}
+        _remove_stale(out_dir / "wav" / split, {paths[s.job] for s in done_split})
+    with atomic_open(out_dir / "abx.item") as f:
+        f.write("\n".join(_abx_items(records["abx"])) + "\n")
+    write_json(out_dir / "summary.json", summary)
+    logger.info("demo corpus in %s: %s", out_dir, summary["splits"])
+    return summary
+
+
+def _remove_stale(folder: Path, keep: set[Path]) -> None:
+    stale = [p for p in folder.rglob("*.wav") if p not in keep] if folder.is_dir() else []
+    for path in stale:
+        path.unlink()
+    if stale:
+        logger.info("removed %d stale wav files from %s", len(stale), folder)
+
+
+def main() -> None:
+    defaults = DemoParams()
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("out_dir", type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--train-minutes", type=float, default=defaults.train_minutes)
+    parser.add_argument("--valid-minutes", type=float, default=defaults.valid_minutes)
+    parser.add_argument("--abx-minutes", type=float, default=defaults.abx_minutes)
+    parser.add_argument("--voices", nargs="+", default=list(defaults.voices), help=f"among {sorted(VOICES)}")
+    parser.add_argument("--speeds", nargs="+", type=float, default=list(defaults.speeds), help="speed factors")
+    parser.add_argument("--text", default=defaults.text, help=f"UTF-8 text file; empty: the files of {LICENSES}")
+    parser.add_argument("--workers", type=int, default=1, help="parallel Festival processes")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = DemoParams(
+        seed=args.seed,
+        train_minutes=args.train_minutes,
+        valid_minutes=args.valid_minutes,
+        abx_minutes=args.abx_minutes,
+        voices=tuple(args.voices),
+        speeds=tuple(args.speeds),
+        text=args.text,
+    )
+    summary = synthesize_demo(args.out_dir, params, workers=args.workers)
+    print(json.dumps(summary["splits"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

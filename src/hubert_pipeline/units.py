@@ -1,0 +1,158 @@
+"""Units: nearest-centroid labels of every file, merged into the manifest and length-checked.
+
+The output of a units stage is one JSONL manifest per split: the manifest's columns plus `units` (ints at the
+model's 50 Hz frame rate). Units are computed shard by shard (local workers or SLURM array tasks) into part files,
+then merged in manifest order; the merged file is written atomically and rewritten whole on every run, so a rerun
+gives byte-identical output and never appends.
+
+Lengths: the model sees `conv_length(num_samples)` frames. MFCC units (100 Hz) are taken every second frame,
+which gives exactly that count; a file whose units differ by more than `length_tolerance` frames is an error naming
+the file, smaller differences are truncated (extra units) or padded with the last unit (missing ones).
+"""
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from hubert_pipeline.audio import read_manifest
+from hubert_pipeline.io import atomic_open, write_json
+from hubert_pipeline.launch import map_tasks
+from hubert_pipeline.params import ExecutionParams
+from hubert_pipeline.store import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+MODEL_FRAME_RATE = 50.0  # HuBERT's conv feature extractor: 20 ms stride
+CONV_LAYERS = ((512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2))
+
+
+class LengthMismatchError(ValueError):
+    """Units and audio disagree on length by more than the tolerance; the message names the files."""
+
+
+def model_frames(num_samples: int | np.ndarray) -> int | np.ndarray:
+    """Frames of HuBERT's conv feature extractor for a waveform of `num_samples` (spidr's conv_length)."""
+    length = num_samples
+    for _, kernel, stride in CONV_LAYERS:
+        length = np.maximum((np.asarray(length) - kernel) // stride + 1, 0)
+    return int(length) if np.ndim(length) == 0 else length
+
+
+def frame_step(store_frame_rate: float) -> int:
+    """Take every `step`-th feature frame to reach the model's 50 Hz (2 for 100 Hz MFCC, 1 for model features)."""
+    step = store_frame_rate / MODEL_FRAME_RATE
+    if step < 1 or abs(step - round(step)) > 1e-6:  # noqa: PLR2004
+        raise ValueError(f"features at {store_frame_rate} Hz cannot be brought to the model's {MODEL_FRAME_RATE} Hz")
+    return round(step)
+
+
+def transcribe_shard(store: str, centroids: str, parts: str, shard: int) -> int:
+    """Units of every file of one store shard, at the store's frame rate, written to parts/shard-XXXXX.json."""
+    import torch
+
+    from hubert_pipeline.kmeans import load_centroids, predict
+
+    out = Path(parts) / f"shard-{shard:05d}.json"
+    if out.is_file():  # complete part from an earlier (interrupted) run
+        return len(json.loads(out.read_text()))
+    features = FeatureStore(store)
+    c = load_centroids(centroids, dim=features.meta.dim)
+    rows = features.index.filter(pl.col("shard") == shard)
+    data = features.shard(shard)
+    units = predict(torch.from_numpy(np.asarray(data, dtype=np.float32)), c).numpy() if len(data) else np.zeros(0, int)
+    result = {fid: units[off : off + n].tolist() for fid, off, n in rows.select("fileid", "offset", "length").iter_rows()}
+    write_json(out, result)
+    return len(result)
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    num_files: int
+    num_adjusted: int  # files truncated or padded within the tolerance
+    max_abs_diff: int
+
+
+def fit_length(units: list[int], expected: int, tolerance: int, fileid: str) -> tuple[list[int], int]:
+    diff = len(units) - expected
+    if abs(diff) > tolerance:
+        raise LengthMismatchError(f"{fileid}: {len(units)} units for {expected} model frames (tolerance {tolerance})")
+    if diff > 0:
+        return units[:expected], diff
+    if diff < 0:
+        return units + [units[-1] if units else 0] * (-diff), diff
+    return units, 0
+
+
+def merge_units(
+    manifest: pl.DataFrame,
+    units: dict[str, list[int]],
+    output: str | Path,
+    *,
+    step: int,
+    tolerance: int,
+) -> MergeReport:
+    """Join units to the manifest one-to-one (every manifest file must have units), check lengths, write JSONL."""
+    if missing := [fid for fid in manifest["fileid"] if fid not in units]:
+        raise ValueError(f"{len(missing)} manifest file(s) have no units, e.g. {missing[:5]}")
+    if extra := sorted(set(units) - set(manifest["fileid"])):
+        raise ValueError(f"{len(extra)} file(s) have units but are not in the manifest, e.g. {extra[:5]}")
+    errors: list[str] = []
+    merged: list[list[int]] = []
+    adjusted, max_diff = 0, 0
+    for fid, n in manifest.select("fileid", "num_samples").iter_rows():
+        try:
+            fitted, diff = fit_length(units[fid][::step], model_frames(n), tolerance, fid)
+        except LengthMismatchError as e:
+            errors.append(str(e))
+            continue
+        adjusted += diff != 0
+        max_diff = max(max_diff, abs(diff))
+        merged.append(fitted)
+    if errors:
+        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""  # noqa: PLR2004
+        raise LengthMismatchError(f"{len(errors)} file(s) with units/audio length mismatch:\n  " + "\n  ".join(errors[:20]) + more)
+    with atomic_open(output) as f:
+        for row, u in zip(manifest.iter_rows(named=True), merged, strict=True):
+            f.write(json.dumps({**row, "units": u}, separators=(",", ":")) + "\n")
+    if adjusted:
+        logger.info("%d/%d files had their units truncated or padded (max %d frames)", adjusted, len(merged), max_diff)
+    return MergeReport(num_files=len(merged), num_adjusted=adjusted, max_abs_diff=max_diff)
+
+
+def units_for_split(
+    manifest_path: str | Path,
+    store_root: str | Path,
+    centroids: str | Path,
+    output: str | Path,
+    *,
+    tolerance: int,
+    execution: ExecutionParams,
+) -> MergeReport:
+    """Transcribe one split shard by shard, then merge into `output` (JSONL manifest with units)."""
+    store = FeatureStore(store_root)
+    manifest = read_manifest(manifest_path)
+    step = frame_step(store.meta.frame_rate)
+    parts = Path(output).parent / f".{Path(output).stem}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        {"store": str(store_root), "centroids": str(centroids), "parts": str(parts), "shard": s}
+        for s in range(store.meta.num_shards)
+    ]
+    map_tasks(transcribe_shard, tasks, execution=execution, desc=f"units {Path(output).stem}")
+    units: dict[str, list[int]] = {}
+    for s in range(store.meta.num_shards):
+        units.update(json.loads((parts / f"shard-{s:05d}.json").read_text()))
+    report = merge_units(manifest, units, output, step=step, tolerance=tolerance)
+    shutil.rmtree(parts)
+    return report
+
+
+def read_units(path: str | Path) -> dict[str, np.ndarray]:
+    """fileid -> units (int array) from a merged JSONL manifest."""
+    df = pl.read_ndjson(path, schema_overrides={"units": pl.List(pl.Int32)})
+    return {fid: np.asarray(u, dtype=np.int64) for fid, u in df.select("fileid", "units").iter_rows()}

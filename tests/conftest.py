@@ -1,0 +1,33 @@
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int = 16_000) -> Path:
+    """Write int16 PCM; `samples` is (n,) for mono or (n, channels)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(samples)
+    channels = 1 if data.ndim == 1 else data.shape[1]
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes((np.clip(data, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def tone(seconds: float, sample_rate: int = 16_000, freq: float = 220.0, seed: int = 0) -> np.ndarray:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    noise = np.random.default_rng(seed).normal(0, 0.01, t.shape)
+    return 0.3 * np.sin(2 * np.pi * freq * t) + noise
+
+
+@pytest.fixture
+def isolated_mlflow(tmp_path, monkeypatch):
+    """An MLflow sqlite store of the test's own."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri

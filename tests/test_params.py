@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hubert_pipeline.params import ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_repository_params_file_loads_with_recipe_defaults():
+    params = load_params(REPO / "params.yaml")
+    assert params.kmeans.k_it1 == 100
+    assert params.kmeans.k == 500
+    assert params.kmeans.fit_fraction == pytest.approx(0.1)
+    assert params.demo.voices == ("kal", "ked", "slt")
+    assert isinstance(params.demo.speeds, tuple)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ParamsError, match=r"kmeans.*'kk'"):
+        load_params(write(tmp_path, {"kmeans": {"kk": 3}}))
+
+
+def test_wrong_type_names_the_key_and_value(tmp_path):
+    with pytest.raises(ParamsError, match=r"kmeans\.k: expected int, got 'many'"):
+        load_params(write(tmp_path, {"kmeans": {"k": "many"}}))
+
+
+def test_choice_outside_literal_is_rejected(tmp_path):
+    with pytest.raises(ParamsError, match=r"manifest\.on_bad_file: 'ignore' is not one of"):
+        load_params(write(tmp_path, {"manifest": {"on_bad_file": "ignore"}}))
+
+
+def test_out_of_range_value_is_rejected(tmp_path):
+    with pytest.raises(ParamsError, match="fit_fraction"):
+        load_params(write(tmp_path, {"kmeans": {"fit_fraction": 1.5}}))
+
+
+def test_ints_are_accepted_for_floats_and_lists_become_tuples(tmp_path):
+    params = load_params(write(tmp_path, {"demo": {"train_minutes": 1, "speeds": [1, 2]}}))
+    assert params.demo.train_minutes == 1.0
+    assert params.demo.speeds == (1.0, 2.0)
+
+
+def test_missing_params_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
