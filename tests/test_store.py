@@ -1,0 +1,83 @@
+import numpy as np
+import polars as pl
+import pytest
+
+from hubert_pipeline.store import (
+    FeatureStore,
+    IncompleteStoreError,
+    assign_shards,
+    finalize_store,
+    shard_index_path,
+    write_shard,
+)
+
+
+def make_store(root, lengths, *, num_shards=2, dim=3, dtype="float32"):
+    rng = np.random.default_rng(0)
+    items = {f"f{i:03d}": rng.normal(size=(n, dim)).astype(np.float32) for i, n in enumerate(lengths)}
+    manifest = pl.DataFrame({"fileid": list(items), "path": list(items), "num_samples": lengths})
+    sharded = assign_shards(manifest, num_shards)
+    for s in range(num_shards):
+        ids = sharded.filter(pl.col("shard") == s)["fileid"]
+        write_shard(root, s, ((fid, items[fid]) for fid in ids), dtype=dtype, dim=dim)
+    finalize_store(root, num_shards=num_shards, dim=dim, dtype=dtype, frame_rate=100.0)
+    return items
+
+
+def test_every_file_reads_back_exactly_from_its_shard(tmp_path):
+    items = make_store(tmp_path / "s", [5, 7, 0, 11, 3], num_shards=3)
+    store = FeatureStore(tmp_path / "s")
+    assert store.meta.num_files == 5
+    assert store.meta.num_frames == 26
+    for fid, array in items.items():
+        np.testing.assert_array_equal(store.get(fid), array)
+
+
+def test_shard_assignment_is_contiguous_balanced_and_deterministic():
+    manifest = pl.DataFrame({"fileid": [f"f{i}" for i in range(10)], "path": ["p"] * 10, "num_samples": [100] * 10})
+    a = assign_shards(manifest.sample(fraction=1.0, shuffle=True, seed=1), 5)
+    b = assign_shards(manifest, 5)
+    assert a.equals(b)
+    assert b["shard"].to_list() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_chunks_cover_the_requested_files_in_order_with_bounded_size(tmp_path):
+    items = make_store(tmp_path / "s", [5, 7, 4])
+    store = FeatureStore(tmp_path / "s")
+    chunks = list(store.iter_chunks(["f002", "f000"], chunk_frames=4))
+    assert [len(c) for c in chunks] == [4, 4, 1]
+    np.testing.assert_array_equal(np.concatenate(chunks), np.concatenate([items["f002"], items["f000"]]))
+
+
+def test_store_without_meta_is_refused_as_incomplete(tmp_path):
+    make_store(tmp_path / "s", [5, 7])
+    (tmp_path / "s" / "meta.json").unlink()
+    with pytest.raises(IncompleteStoreError, match="no meta.json"):
+        FeatureStore(tmp_path / "s")
+
+
+def test_finalize_refuses_a_store_with_a_missing_shard(tmp_path):
+    make_store(tmp_path / "s", [5, 7])
+    shard_index_path(tmp_path / "s", 1).unlink()
+    with pytest.raises(IncompleteStoreError, match=r"shards \[1\]"):
+        finalize_store(tmp_path / "s", num_shards=2, dim=3, dtype="float32", frame_rate=100.0)
+
+
+def test_fp16_store_keeps_values_within_half_precision(tmp_path):
+    items = make_store(tmp_path / "s", [50], num_shards=1, dtype="float16")
+    store = FeatureStore(tmp_path / "s")
+    assert store.get("f000").dtype == np.float16
+    np.testing.assert_allclose(store.get("f000").astype(np.float32), items["f000"], rtol=1e-3, atol=1e-3)
+
+
+def test_wrong_feature_shape_names_the_file(tmp_path):
+    with pytest.raises(ValueError, match="'bad'"):
+        write_shard(tmp_path, 0, [("bad", np.zeros((3, 4)))], dtype="float32", dim=3)
+
+
+def test_fraction_sample_is_seeded(tmp_path):
+    make_store(tmp_path / "s", [3] * 20)
+    store = FeatureStore(tmp_path / "s")
+    assert store.sample_fileids(0.1, seed=0) == store.sample_fileids(0.1, seed=0)
+    assert len(store.sample_fileids(0.1, seed=0)) == 2
+    assert store.sample_fileids(0.5, seed=0) != store.sample_fileids(0.5, seed=1)
