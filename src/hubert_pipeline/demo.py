@@ -35,13 +35,16 @@ logger = logging.getLogger(__name__)
 SAMPLE_RATE = 16_000
 SPLITS = ("train", "valid", "abx")
 VOICES = {"kal": "kal_diphone", "ked": "ked_diphone", "slt": "cmu_us_slt_arctic_hts"}
+VOICE_COST = {"kal": 1, "ked": 1, "slt": 15}  # relative Festival time per second of audio: HTS is much slower
 LICENSES = Path("/usr/share/common-licenses")
 ABX_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
 SILENCE = "pau"
-MIN_WORDS, MAX_WORDS = 3, 30  # shorter sentences are dropped, longer ones cut (30 words ~ 12 s at speed 1)
-SECONDS_PER_WORD = 0.39  # Festival's pace at speed 1, pauses included; only used to plan, refined as audio comes in
-UTTERANCE_SECONDS = (2.0, 14.0)  # target length of an utterance at speed 1
+ABX_MIN_SECONDS = 0.02  # shorter phones may get no 50 Hz frame, and fastabx fails on an item without one
+MIN_WORDS, MAX_WORDS = 3, 30  # shorter sentences are dropped, longer ones cut (30 words ~ 12.5 s at speed 1)
+SECONDS_PER_WORD = 0.42  # Festival's pace at speed 1, pauses included; only used to plan, refined as audio comes in
+UTTERANCE_SECONDS = (2.0, 13.0)  # target length of an utterance at speed 1
 BATCH_JOBS = 40  # utterances per Festival process (startup and voice loading take ~0.2 s)
+MAX_ROUNDS = 50
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class Synthesized:
 
     @property
     def num_output_samples(self) -> int:
-        return math.ceil(self.num_samples * SAMPLE_RATE / self.orig_freq)
+        return -(-self.num_samples * SAMPLE_RATE // self.orig_freq)
 
     @property
     def duration(self) -> float:
@@ -97,6 +100,8 @@ def speakers_of(params: DemoParams) -> list[Speaker]:
         raise ValueError(f"unknown demo voice(s) {unknown}; known voices are {sorted(VOICES)}")
     speakers = [Speaker(voice, speed) for voice in params.voices for speed in params.speeds]
     names = [s.name for s in speakers]
+    if not speakers:
+        raise ValueError("the demo needs at least one voice and one speed")
     if len(set(names)) != len(names):
         raise ValueError(f"demo voices x speeds give duplicate speaker names {names}")
     return speakers
@@ -115,7 +120,7 @@ def read_text(path: str) -> str:
 
 def _clean(paragraph: str) -> str:
     text = unicodedata.normalize("NFKD", paragraph).encode("ascii", "ignore").decode()
-    text = re.sub(r"<[^>]*>|https?://\S+|www\.\S+|\S+@\S+", " ", text)  # URLs and addresses are spelled letter by letter
+    text = re.sub(r"<[^>]*>|https?://\S+|www\.\S+|\S+@\S+", " ", text)  # URLs, addresses: spelled letter by letter
     text = re.sub(r"[^A-Za-z0-9.,;:!?'()\- ]", " ", text)
     return " ".join(text.split())
 
@@ -166,7 +171,7 @@ def sentences(text: str) -> list[str]:
 
 def utterances(sents: list[str], seed: int) -> list[str]:
     """Group consecutive sentences into utterances of a seeded random target length."""
-    rng = random.Random(f"{seed}-utterances")
+    rng = random.Random(f"{seed}-utterances")  # noqa: S311 (reproducible, not cryptographic)
     result: list[str] = []
     i = 0
     while i < len(sents):
@@ -200,7 +205,7 @@ def jobs(split: str, region: list[str], speakers: list[Speaker], seed: int) -> I
     On the first pass speakers are dealt in seeded random permutations, so any len(speakers) consecutive jobs use each
     speaker once; within len(speakers) passes every utterance has been read by every speaker.
     """
-    rng = random.Random(f"{seed}-{split}-speakers")
+    rng = random.Random(f"{seed}-{split}-speakers")  # noqa: S311 (reproducible, not cryptographic)
     first: list[int] = []
     while len(first) < len(region):
         first += rng.sample(range(len(speakers)), len(speakers))
@@ -224,12 +229,12 @@ def _festival_script(voice: str, batch: list[Job], folder: Path) -> str:
         "  (let ((utt (utt.synth (eval (list 'Utterance 'Text text)))))",
         "    (utt.save.wave utt path 'riff)",
         '    (format t "BEGIN %s\\n" fileid)',
-        "    (mapcar (lambda (s) (format t \"SEG %s %f\\n\" (item.name s) (item.feat s \"end\")))",
+        '    (mapcar (lambda (s) (format t "SEG %s %f\\n" (item.name s) (item.feat s "end")))',
         "            (utt.relation.items utt 'Segment))",
         '    (format t "END %s\\n" fileid)))',
     ]
     for job in batch:
-        call = f"(demo_synth {_quote(job.fileid)} {_quote(job.text)} {_quote(str(folder / f"{job.fileid}.wav"))})"
+        call = f"(demo_synth {_quote(job.fileid)} {_quote(job.text)} {_quote(str(folder / f'{job.fileid}.wav'))})"
         lines.append(f'(unwind-protect {call} (format t "FAIL %s\\n" {_quote(job.fileid)}))')
     return "\n".join(lines) + "\n"
 
@@ -269,7 +274,9 @@ def _phones(synth: Synthesized) -> list[list[Any]]:
     """Segments as [onset, offset, phone] after the speed scaling, covering exactly [0, duration]."""
     scale, duration = synth.sample_rate / synth.orig_freq, round(synth.duration, 4)
     if abs(synth.ends[-1][1] * scale - synth.duration) > 0.05:  # noqa: PLR2004
-        logger.debug("%s: segments end at %.3f s, audio at %.3f s", synth.job.fileid, synth.ends[-1][1] * scale, duration)
+        logger.debug(
+            "%s: segments end at %.3f s, audio at %.3f s", synth.job.fileid, synth.ends[-1][1] * scale, duration
+        )
     phones: list[list[Any]] = []
     onset = 0.0
     for k, (name, end) in enumerate(synth.ends):
@@ -283,13 +290,13 @@ def _phones(synth: Synthesized) -> list[list[Any]]:
 def write_wav(synth: Synthesized, path: Path) -> None:
     import numpy as np
     import torch
-    import torchaudio
+    from torchaudio.functional import resample
 
     with wave.open(str(synth.path), "rb") as w:
         samples = np.frombuffer(w.readframes(synth.num_samples), dtype="<i2")
     x = torch.from_numpy(samples.astype(np.float32) / 32768)
     if synth.orig_freq != SAMPLE_RATE:
-        x = torchaudio.functional.resample(x, synth.orig_freq, SAMPLE_RATE)
+        x = resample(x, synth.orig_freq, SAMPLE_RATE)
     assert x.numel() == synth.num_output_samples, (x.numel(), synth.num_output_samples)
     pcm = (x * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy().astype("<i2")
     with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as w:
@@ -305,7 +312,7 @@ def _abx_items(records: list[dict[str, Any]]) -> list[str]:
         phones = record["phones"]
         for k in range(1, len(phones) - 1):
             onset, offset, phone = phones[k]
-            if phone == SILENCE:
+            if phone == SILENCE or offset - onset < ABX_MIN_SECONDS:
                 continue
             prev, nxt = ("SIL" if p[2] == SILENCE else p[2] for p in (phones[k - 1], phones[k + 1]))
             lines.append(f"{record['fileid']} {onset:.4f} {offset:.4f} {phone} {prev} {nxt} {record['speaker']}")
@@ -323,12 +330,83 @@ def _accepted(results: list[Synthesized], seconds: float, speakers: int) -> int 
     return None
 
 
-def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1) -> dict:  # noqa: C901, PLR0915
+def _plan(stream: Iterator[Job], have: list[Synthesized], seconds: float, speakers: int, rate: float) -> list[Job]:
+    """Next jobs of a split: enough for its missing seconds (estimated from words) and for speakers not heard yet."""
+    missing = seconds - sum(s.duration for s in have)
+    seen = {s.job.speaker for s in have}
+    todo: list[Job] = []
+    while missing > 0 or len(seen) < speakers:
+        todo.append(job := next(stream))
+        missing -= 1.05 * rate * job.words / job.speaker.speed
+        seen.add(job.speaker)
+    return todo
+
+
+def _batches(todo: list[Job], workers: int) -> list[list[Job]]:
+    """One voice per Festival process, at least `workers` processes per voice; the most expensive first."""
+    batches = []
+    for voice in VOICES:
+        jobs_of_voice = [j for j in todo if j.speaker.voice == voice]
+        count = min(len(jobs_of_voice), max(workers, math.ceil(len(jobs_of_voice) / BATCH_JOBS)))
+        batches += [
+            jobs_of_voice[i * len(jobs_of_voice) // count : (i + 1) * len(jobs_of_voice) // count] for i in range(count)
+        ]
+    return sorted(batches, key=lambda b: -VOICE_COST[b[0].speaker.voice] * sum(j.words for j in b))
+
+
+def _synthesize_splits(
+    streams: dict[str, Iterator[Job]],
+    seconds: dict[str, float],
+    speakers: int,
+    folder: Path,
+    *,
+    pool: ThreadPoolExecutor,
+    workers: int,
+) -> dict[str, list[Synthesized]]:
+    """Synthesize rounds of jobs until each split has a prefix of its job stream long enough, with every speaker.
+
+    What a split gets depends only on its job stream, never on how the jobs were batched: the output is the same for
+    any number of workers.
+    """
+    from tqdm import tqdm
+
+    results: dict[str, list[Synthesized]] = {split: [] for split in streams}
+    finished: set[str] = set()
+    rate = SECONDS_PER_WORD
+    with tqdm(total=round(sum(seconds[split] for split in streams)), unit="s", desc="synthesizing demo") as bar:
+        for _ in range(MAX_ROUNDS):
+            if not (pending := [split for split in streams if split not in finished]):
+                return results
+            todo = [
+                j for split in pending for j in _plan(streams[split], results[split], seconds[split], speakers, rate)
+            ]
+            batches = _batches(todo, workers)
+            logger.debug("round of %d jobs in %d batches", len(todo), len(batches))
+            done: dict[Job, Synthesized] = {}
+            for future in [pool.submit(run_festival, b[0].speaker.voice, b, folder) for b in batches]:
+                for synth in future.result():
+                    done[synth.job] = synth
+                    bar.update(min(round(synth.duration), bar.total - bar.n))
+            if not done:
+                raise RuntimeError("festival synthesized none of the planned utterances")
+            for split in pending:
+                results[split] += [done[j] for j in todo if j.split == split and j in done]
+                if (k := _accepted(results[split], seconds[split], speakers)) is not None:
+                    finished.add(split)
+                    results[split] = results[split][:k]
+            synthesized = [s for split in results for s in results[split]]
+            rate = sum(s.duration * s.job.speaker.speed for s in synthesized) / sum(s.job.words for s in synthesized)
+    raise RuntimeError(f"demo splits {pending} not complete after {MAX_ROUNDS} rounds: festival fails on a speaker?")
+
+
+def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1) -> dict:
     """Synthesize the demo corpus into `out_dir`; return the summary also written to `out_dir/summary.json`."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
     speakers = speakers_of(params)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if shutil.which("festival") is None:
         raise RuntimeError("festival is not on PATH (apt-get install festival festvox-kallpc16k ...)")
     minutes = {"train": params.train_minutes, "valid": params.valid_minutes, "abx": params.abx_minutes}
@@ -338,45 +416,13 @@ def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1
     streams = {split: jobs(split, region, speakers, params.seed) for split, region in regions(utts, minutes).items()}
     logger.info("demo: %d utterances of text, %d speakers, minutes %s", len(utts), len(speakers), minutes)
 
-    results: dict[str, list[Synthesized]] = {split: [] for split in streams}
-    accepted: dict[str, int] = {}
-    rate = SECONDS_PER_WORD
     out_dir.mkdir(parents=True, exist_ok=True)
+    seconds = {split: 60 * m for split, m in minutes.items()}
     with (
         tempfile.TemporaryDirectory(dir=out_dir, prefix=".festival-") as tmp,
         ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=round(60 * sum(minutes.values())), unit="s", desc="synthesizing demo") as bar,
     ):
-        while pending := [split for split in streams if split not in accepted]:
-            todo: list[Job] = []
-            for split in pending:  # plan jobs for the missing seconds, and for the speakers not heard yet
-                missing = 60 * minutes[split] - sum(s.duration for s in results[split])
-                seen = {s.job.speaker for s in results[split]}
-                while missing > 0 or len(seen) < len(speakers):
-                    todo.append(job := next(streams[split]))
-                    missing -= 1.05 * rate * job.words / job.speaker.speed
-                    seen.add(job.speaker)
-            batches = []
-            for voice in params.voices:  # one voice per Festival process, at least `workers` processes per voice
-                of_voice = [j for j in todo if j.speaker.voice == voice]
-                count = min(len(of_voice), max(workers, math.ceil(len(of_voice) / BATCH_JOBS)))
-                batches += [of_voice[i * len(of_voice) // count : (i + 1) * len(of_voice) // count] for i in range(count)]
-            futures = [pool.submit(run_festival, b[0].speaker.voice, b, Path(tmp)) for b in batches]
-            done: dict[Job, Synthesized] = {}
-            for future in futures:
-                for synth in future.result():
-                    done[synth.job] = synth
-                    bar.update(min(round(synth.duration), bar.total - bar.n))
-            if not done:
-                raise RuntimeError("festival synthesized none of the planned utterances")
-            for split in pending:
-                results[split] += [done[j] for j in todo if j.split == split and j in done]
-                if (k := _accepted(results[split], 60 * minutes[split], len(speakers))) is not None:
-                    accepted[split] = k
-                    results[split] = results[split][:k]
-            synthesized = [s for split in results for s in results[split]]
-            rate = sum(s.duration * s.job.speaker.speed for s in synthesized) / sum(s.job.words for s in synthesized)
-
+        results = _synthesize_splits(streams, seconds, len(speakers), Path(tmp), pool=pool, workers=workers)
         finished = [s for split in results for s in results[split]]
         paths = {s.job: out_dir / "wav" / s.job.split / s.job.speaker.name / f"{s.job.fileid}.wav" for s in finished}
         for _ in tqdm(pool.map(lambda s: write_wav(s, paths[s.job]), finished), total=len(finished), desc="writing"):
@@ -394,11 +440,13 @@ def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1
     records: dict[str, list[dict[str, Any]]] = {}
     for split in SPLITS:
         done_split = sorted(results.get(split, []), key=lambda s: s.job.fileid)
-        records[split] = [{"fileid": s.job.fileid, "speaker": s.job.speaker.name, "phones": _phones(s)} for s in done_split]
+        records[split] = [
+            {"fileid": s.job.fileid, "speaker": s.job.speaker.name, "phones": _phones(s)} for s in done_split
+        ]
         with atomic_open(out_dir / "alignments" / f"{split}.jsonl") as f:
             f.writelines(json.dumps(record) + "\n" for record in records[split])
-        seconds = sum(s.num_output_samples for s in done_split) / SAMPLE_RATE
-        summary["splits"][split] = {"files": len(done_split), "minutes": round(seconds / 60, 4)}
+        total = sum(s.num_output_samples for s in done_split) / SAMPLE_RATE
+        summary["splits"][split] = {"files": len(done_split), "minutes": round(total / 60, 4)}
         _remove_stale(out_dir / "wav" / split, {paths[s.job] for s in done_split})
     with atomic_open(out_dir / "abx.item") as f:
         f.write("\n".join(_abx_items(records["abx"])) + "\n")
@@ -418,13 +466,16 @@ def _remove_stale(folder: Path, keep: set[Path]) -> None:
 def main() -> None:
     defaults = DemoParams()
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m hubert_pipeline.demo",
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("out_dir", type=Path, help="output folder")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--train-minutes", type=float, default=defaults.train_minutes)
-    parser.add_argument("--valid-minutes", type=float, default=defaults.valid_minutes)
-    parser.add_argument("--abx-minutes", type=float, default=defaults.abx_minutes)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of utterance lengths and speakers")
+    for split in SPLITS:
+        default = getattr(defaults, f"{split}_minutes")
+        parser.add_argument(f"--{split}-minutes", type=float, default=default, help=f"minutes of audio in {split}")
     parser.add_argument("--voices", nargs="+", default=list(defaults.voices), help=f"among {sorted(VOICES)}")
     parser.add_argument("--speeds", nargs="+", type=float, default=list(defaults.speeds), help="speed factors")
     parser.add_argument("--text", default=defaults.text, help=f"UTF-8 text file; empty: the files of {LICENSES}")

@@ -1,0 +1,166 @@
+import itertools
+import json
+import math
+import re
+import wave
+from pathlib import Path
+
+import pytest
+import torch
+from torchaudio.functional import resample
+
+from hubert_pipeline.demo import (
+    ABX_HEADER,
+    SPLITS,
+    read_text,
+    regions,
+    sentences,
+    synthesize_demo,
+    utterances,
+)
+from hubert_pipeline.params import DemoParams
+
+# 3 voices (slt's HTS writes 32 kHz) x 2 speeds (one up, one down): 6 speakers, so 6 files at least per split
+PARAMS = DemoParams(seed=3, train_minutes=0.2, valid_minutes=0.2, abx_minutes=0.2, speeds=(0.9, 1.12))
+SPEAKERS = {f"{voice}-s{round(speed * 100):03d}" for voice in PARAMS.voices for speed in PARAMS.speeds}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    synthesize_demo(out, PARAMS, workers=1)
+    return out
+
+
+def read_alignments(root: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (root / "alignments" / f"{split}.jsonl").read_text().splitlines()]
+
+
+def wav_duration(path: Path) -> float:
+    with wave.open(str(path), "rb") as w:
+        return w.getnframes() / w.getframerate()
+
+
+@pytest.mark.slow
+def test_every_file_is_16_khz_mono_16_bit_pcm(demo):
+    paths = sorted((demo / "wav").rglob("*.wav"))
+    assert len(paths) >= 3 * len(SPEAKERS)
+    for path in paths:
+        with wave.open(str(path), "rb") as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16_000, 1, 2)
+            assert w.getnframes() > 16_000
+
+
+@pytest.mark.slow
+def test_alignments_cover_each_file_from_zero_to_its_end(demo):
+    for split in SPLITS:
+        records = read_alignments(demo, split)
+        assert [r["fileid"] for r in records] == sorted(r["fileid"] for r in records)
+        assert {p.stem for p in (demo / "wav" / split).rglob("*.wav")} == {r["fileid"] for r in records}
+        for record in records:
+            path = demo / "wav" / split / record["speaker"] / f"{record['fileid']}.wav"
+            phones = record["phones"]
+            assert phones[0][0] == 0
+            assert abs(phones[-1][1] - wav_duration(path)) < 0.02
+            assert all(onset < offset for onset, offset, _ in phones)
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(phones))
+            assert any(phone != "pau" for _, _, phone in phones)
+
+
+@pytest.mark.slow
+def test_every_speaker_appears_in_every_split_and_splits_reach_their_minutes(demo):
+    summary = json.loads((demo / "summary.json").read_text())
+    assert set(summary["speakers"]) == SPEAKERS
+    for split in SPLITS:
+        assert {r["speaker"] for r in read_alignments(demo, split)} == SPEAKERS
+        assert {p.name for p in (demo / "wav" / split).iterdir()} == SPEAKERS
+        assert summary["splits"][split]["minutes"] >= 0.2
+        assert summary["splits"][split]["files"] == len(read_alignments(demo, split))
+
+
+@pytest.mark.slow
+def test_fileids_are_globally_unique_and_name_speaker_and_split(demo):
+    fileids = [r["fileid"] for split in SPLITS for r in read_alignments(demo, split)]
+    assert len(fileids) == len(set(fileids))
+    for split in SPLITS:
+        for record in read_alignments(demo, split):
+            speaker, file_split, index = record["fileid"].split("_")
+            assert (speaker, file_split, len(index)) == (record["speaker"], split, 5)
+
+
+@pytest.mark.slow
+def test_abx_item_lists_the_non_silent_phones_of_abx_files(demo):
+    header, *lines = (demo / "abx.item").read_text().splitlines()
+    assert header == ABX_HEADER
+    assert lines
+    files = {p.stem for p in (demo / "wav" / "abx").rglob("*.wav")}
+    phones = {(r["fileid"], onset, offset, p) for r in read_alignments(demo, "abx") for onset, offset, p in r["phones"]}
+    for line in lines:
+        fileid, onset, offset, phone, prev, nxt, speaker = line.split(" ")
+        assert fileid in files
+        assert fileid.startswith(f"{speaker}_abx_")
+        assert (fileid, float(onset), float(offset), phone) in phones
+        assert "pau" not in (phone, prev, nxt)
+    assert {line.split(" ")[6] for line in lines} == SPEAKERS
+
+
+@pytest.mark.slow
+def test_rerun_with_more_workers_writes_byte_identical_files(demo, tmp_path):
+    synthesize_demo(tmp_path, PARAMS, workers=2)
+    ours = sorted(p.relative_to(demo) for p in demo.rglob("*") if p.is_file())
+    theirs = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert ours == theirs
+    for path in ours:
+        assert (demo / path).read_bytes() == (tmp_path / path).read_bytes(), path
+
+
+def test_unknown_voice_raises_value_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("['bob']; known voices are ['kal', 'ked', 'slt']")):
+        synthesize_demo(tmp_path, DemoParams(voices=("kal", "bob")))
+
+
+def test_missing_text_file_raises_error_naming_it(tmp_path):
+    missing = tmp_path / "nowhere.txt"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        synthesize_demo(tmp_path, DemoParams(text=str(missing)))
+
+
+def test_sentences_drop_rule_lines_and_cut_long_sentences():
+    long = " ".join(f"w{'abcdefghij'[i % 10]}{'klmnopqrst'[i // 10]}," for i in range(70))  # one sentence, 70 words
+    text = f"Title Of The Text\n\n-----=====-----\nA first sentence is here. Then a second one follows.\n\n{long}\n"
+    result = sentences(text)
+    assert result[:3] == ["Title Of The Text", "A first sentence is here.", "Then a second one follows."]
+    assert all(3 <= len(s.split()) <= 30 for s in result)
+    assert " ".join(result[3:]) == long
+
+
+def test_splits_read_different_regions_of_the_default_text():
+    utts = utterances(sentences(read_text("")), seed=0)
+    parts = regions(utts, {"train": 40, "valid": 4, "abx": 4})
+    assert sum(len(p) for p in parts.values()) == len(utts)
+    assert not set(parts["train"]) & set(parts["valid"])
+    assert not set(parts["valid"]) & set(parts["abx"])
+
+
+def test_speed_resampling_keeps_length_ratio_and_scales_a_tone():
+    t = torch.arange(32_000) / 32_000
+    x = torch.sin(2 * math.pi * 440 * t)
+    y = resample(x, 28_800, 16_000)  # 32 kHz audio at speed 0.9: a 440 Hz tone becomes 396 Hz
+    assert y.numel() == math.ceil(32_000 * 16_000 / 28_800)
+    spectrum = torch.fft.rfft(y[4000:-4000] * torch.hann_window(y.numel() - 8000)).abs()
+    peak_hz = spectrum.argmax().item() * 16_000 / (y.numel() - 8000)
+    assert abs(peak_hz - 396) < 3
+
+
+@pytest.mark.slow
+def test_a_short_text_is_read_again_by_other_speakers_and_a_smaller_rerun_removes_stale_files(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps.\n\nA second, rather short sentence here.\n\nThird one: the end.\n")
+    params = DemoParams(train_minutes=0.3, valid_minutes=0.05, abx_minutes=0.05, voices=("kal",), speeds=(1.0, 1.1))
+    synthesize_demo(tmp_path / "out", DemoParams(**{**params.__dict__, "text": str(text), "train_minutes": 0.5}))
+    summary = synthesize_demo(tmp_path / "out", DemoParams(**{**params.__dict__, "text": str(text)}))
+    train = read_alignments(tmp_path / "out", "train")
+    assert summary["splits"]["train"]["minutes"] >= 0.3
+    assert len({tuple(phone for _, _, phone in r["phones"]) for r in train}) == 1  # one utterance, read again
+    assert {r["speaker"] for r in train} == {"kal-s100", "kal-s110"}
+    assert len(list((tmp_path / "out" / "wav" / "train").rglob("*.wav"))) == len(train)
