@@ -84,6 +84,51 @@ class UnitsParams:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    size: Literal["tiny", "base", "large", "xlarge"] = "tiny"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # HubertConfig fields, e.g. {encoder_layer_drop: 0}
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """One pretraining iteration. Defaults are the demo's; fairseq names of the recipe values in comments."""
+
+    max_steps: int = 400  # optimization.max_update (recipe: 250k it1, 400k it2)
+    lr: float = 5e-4  # optimization.lr (Base)
+    warmup_steps: int = 40  # lr_scheduler.warmup_updates (recipe 32k)
+    weight_decay: float = 0.01  # optimizer.weight_decay
+    betas: tuple[float, ...] = (0.9, 0.98)  # optimizer.adam_betas
+    eps: float = 1e-6  # optimizer.adam_eps
+    grad_clip: float = 10.0  # optimization.clip_norm
+    feature_penalty: float = 10.0  # criterion.loss_weights (features_pen)
+    max_batch_samples: int = 480_000  # samples per process per micro-batch (fairseq max_tokens 1.4M)
+    accumulate: int = 1  # micro-batches per step (optimization.update_freq)
+    min_sample_size: int = 32_000  # task.min_sample_size (2 s)
+    max_sample_size: int = 250_000  # task.max_sample_size (15.6 s)
+    num_buckets: int = 20
+    normalize: bool = False  # task.normalize (False for Base, True for Large)
+    pad_audio: bool = False  # task.pad_audio: crop to the shortest file of the batch
+    mask_prob: float = 0.8  # model.mask_prob
+    mask_length: int = 10  # model.mask_length
+    save_interval: int = 100  # checkpoint every N steps exactly (and at the last step)
+    log_interval: int = 10
+    seed: int = 0
+    processes: int = 1  # local processes (DDP: gloo on CPU, NCCL on GPU)
+    num_workers: int = 1  # data-loading workers per process
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA; CPU trains in float32
+    compile: bool = False  # torch.compile the model (CUDA)
+    init_from: str = ""  # iteration 2: start from this checkpoint (path or models:/ URI) instead of random weights
+
+
+@dataclass(frozen=True)
+class ValidateParams:
+    max_batch_samples: int = 480_000
+    seed: int = 0
+    rule: Literal["lowest_loss", "highest_accuracy", "last"] = "lowest_loss"
+    registered_model: str = "hubert-pipeline"
+
+
+@dataclass(frozen=True)
 class Params:
     mlflow: MlflowParams = MlflowParams()
     execution: ExecutionParams = ExecutionParams()
@@ -93,10 +138,18 @@ class Params:
     mfcc: MfccParams = MfccParams()
     kmeans: KmeansParams = KmeansParams()
     units: UnitsParams = UnitsParams()
+    model: ModelParams = ModelParams()
+    train_it1: TrainParams = TrainParams()
+    train_it2: TrainParams = TrainParams()
+    validate: ValidateParams = ValidateParams()
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0911
     origin = get_origin(annotation)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     if origin is Literal:
         if value not in get_args(annotation):
             raise ParamsError(f"{where}: {value!r} is not one of {list(get_args(annotation))}")
@@ -113,6 +166,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0911
         return _convert(value, inner, where)
     if dataclasses.is_dataclass(annotation):
         return build(annotation, value, where)  # type: ignore[arg-type]
+    if annotation is Any:
+        return value
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if annotation is bool and isinstance(value, bool):
@@ -164,6 +219,20 @@ def validate(params: Params, where: str) -> None:
         (all(s > 0 for s in params.demo.speeds), "demo.speeds must be > 0"),
         (params.manifest.extension.startswith("."), "manifest.extension must start with '.'"),
     ]
+    for name in ("train_it1", "train_it2"):
+        t: TrainParams = getattr(params, name)
+        checks += [
+            (t.max_steps >= 1, f"{name}.max_steps must be >= 1"),
+            (0 <= t.warmup_steps < t.max_steps, f"{name}.warmup_steps must be in [0, max_steps)"),
+            (t.save_interval >= 1, f"{name}.save_interval must be >= 1"),
+            (t.log_interval >= 1, f"{name}.log_interval must be >= 1"),
+            (t.processes >= 1, f"{name}.processes must be >= 1"),
+            (t.accumulate >= 1, f"{name}.accumulate must be >= 1"),
+            (len(t.betas) == 2, f"{name}.betas must have two values"),  # noqa: PLR2004
+            (t.min_sample_size <= t.max_sample_size, f"{name}.min_sample_size must be <= max_sample_size"),
+            (t.max_sample_size <= t.max_batch_samples, f"{name}.max_sample_size must be <= max_batch_samples"),
+            (0 <= t.mask_prob <= 1, f"{name}.mask_prob must be in [0, 1]"),
+        ]
     for ok, message in checks:
         if not ok:
             raise ParamsError(f"{where}: {message}")

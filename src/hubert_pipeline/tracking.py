@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +119,34 @@ def stage_run(
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         logger.info("MLflow run %s (%s) in %s", run.info.run_id, name, uri)
         yield run
+
+
+def metric_logger(run_id: str, uri: str) -> Callable[[dict[str, float], int], None]:
+    """A `log_fn(metrics, step)` that logs to an existing run; usable from any process (e.g. DDP rank 0)."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracking_uri=uri)
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    return log
+
+
+def register_model(run_id: str, artifact_path: str, name: str, alias: str, tags: dict[str, str]) -> str:
+    """Register runs:/<run_id>/<artifact_path> (a plain artifact folder) as a new version of `name` under `alias`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException:  # already exists
+        pass
+    version = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
+    client.set_registered_model_alias(name, alias, version.version)
+    return version.version

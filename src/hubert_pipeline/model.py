@@ -1,0 +1,341 @@
+"""HuBERT and its masked-prediction pretraining head, in torchaudio's component style on spidr's components.
+
+The modules are built exactly as `minimal_hubert` builds them, so state dicts are interchangeable: a
+`HuBERTPretrain(HubertConfig.preset("base"), 100)` has the same keys and shapes as minimal_hubert's
+`HuBERTPretrain(100, "base")`. Checkpoints of fairseq, torchaudio and transformers load through
+`from_pretrained` (see `hubert_pipeline.compat`).
+
+    cfg = HubertConfig.preset("tiny", encoder_dropout=0.0)
+    model = HuBERTPretrain(cfg, num_classes=100)
+    loss, out = model(waveforms, labels, mask=mask, attention_mask=None)   # (B, T) audio, (B, frames) labels
+    feats = HuBERT.from_pretrained("models:/hubert@it1").get_intermediate_outputs(waveforms, num_layers=6)
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Self, cast
+
+import torch
+from spidr.models.components import (
+    ConvLayerBlock,
+    ConvPositionalEmbedding,
+    FeatureExtractor,
+    FeatureProjection,
+    FeedForward,
+    LayerNorm,
+    SelfAttention,
+    Transformer,
+    TransformerLayer,
+)
+from torch import Tensor, nn
+from torch.nn import functional as F  # noqa: N812  (torch convention)
+from torch.nn.utils.parametrizations import weight_norm
+
+type Size = Literal["tiny", "base", "large", "xlarge"]
+
+SIZES: tuple[Size, ...] = ("tiny", "base", "large", "xlarge")
+FAIRSEQ_CONV_LAYERS: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+
+@dataclass(frozen=True)
+class HubertConfig:
+    extractor_mode: Literal["group_norm", "layer_norm"]  # extractor_mode ("default" is group_norm)
+    conv_layers: tuple[tuple[int, int, int], ...]  # conv_feature_layers: (channels, kernel, stride) per layer
+    encoder_embed_dim: int  # encoder_embed_dim
+    encoder_num_layers: int  # encoder_layers
+    encoder_num_heads: int  # encoder_attention_heads
+    encoder_ff_interm_features: int  # encoder_ffn_embed_dim
+    encoder_layer_norm_first: bool  # layer_norm_first
+    final_dim: int  # final_dim
+    encoder_projection_dropout: float  # dropout_input
+    encoder_attention_dropout: float  # attention_dropout
+    encoder_ff_interm_dropout: float  # activation_dropout
+    encoder_dropout: float  # dropout
+    encoder_layer_drop: float  # encoder_layerdrop
+    pos_conv_kernel: int = 128  # conv_pos
+    pos_conv_groups: int = 16  # conv_pos_groups
+    logit_temperature: float = 0.1  # logit_temp
+    feature_grad_mult: float = 0.1  # feature_grad_mult: scale of the gradients into the conv extractor (1.0 = none)
+
+    def __post_init__(self) -> None:
+        layers = tuple(tuple(int(v) for v in layer) for layer in self.conv_layers)  # JSON/YAML give lists
+        object.__setattr__(self, "conv_layers", layers)
+        if self.extractor_mode not in {"group_norm", "layer_norm"}:
+            raise ValueError(f"extractor_mode must be 'group_norm' or 'layer_norm', not {self.extractor_mode!r}")
+        if not layers or any(len(layer) != 3 for layer in layers):  # noqa: PLR2004
+            raise ValueError(f"conv_layers must be non-empty (channels, kernel, stride) triples, not {layers}")
+        if self.encoder_embed_dim % self.encoder_num_heads or self.encoder_embed_dim % self.pos_conv_groups:
+            raise ValueError(
+                f"encoder_embed_dim {self.encoder_embed_dim} must be divisible by encoder_num_heads "
+                f"{self.encoder_num_heads} and pos_conv_groups {self.pos_conv_groups}"
+            )
+
+    @classmethod
+    def preset(cls, size: Size, **overrides: Any) -> Self:
+        if size not in _PRESETS:
+            raise ValueError(f"unknown model size {size!r}; sizes: {', '.join(SIZES)}")
+        return cls(**_PRESETS[size]).replace(**overrides)
+
+    def replace(self, **overrides: Any) -> Self:
+        fields = {f.name for f in dataclasses.fields(self)}
+        if unknown := sorted(set(overrides) - fields):
+            raise ValueError(f"unknown HubertConfig field(s) {', '.join(unknown)}; fields: {', '.join(sorted(fields))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["conv_layers"] = [list(layer) for layer in self.conv_layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(d) - fields):
+            raise ValueError(f"unknown HubertConfig field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+_BASE: dict[str, Any] = {  # fairseq hubert_base_librispeech.yaml
+    "extractor_mode": "group_norm",
+    "conv_layers": FAIRSEQ_CONV_LAYERS,
+    "encoder_embed_dim": 768,
+    "encoder_num_layers": 12,
+    "encoder_num_heads": 12,
+    "encoder_ff_interm_features": 3072,
+    "encoder_layer_norm_first": False,
+    "final_dim": 256,
+    "encoder_projection_dropout": 0.1,
+    "encoder_attention_dropout": 0.1,
+    "encoder_ff_interm_dropout": 0.0,
+    "encoder_dropout": 0.1,
+    "encoder_layer_drop": 0.05,
+}
+_LARGE: dict[str, Any] = {  # fairseq hubert_large_librivox.yaml (feature_grad_mult 1.0 there)
+    **_BASE,
+    "extractor_mode": "layer_norm",
+    "encoder_embed_dim": 1024,
+    "encoder_num_layers": 24,
+    "encoder_num_heads": 16,
+    "encoder_ff_interm_features": 4096,
+    "encoder_layer_norm_first": True,
+    "final_dim": 768,
+    "encoder_projection_dropout": 0.0,
+    "encoder_attention_dropout": 0.0,
+    "encoder_dropout": 0.0,
+    "encoder_layer_drop": 0.0,
+    "feature_grad_mult": 1.0,
+}
+_PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-sized: same receptive field and 50 Hz frames as the others, 0.93 M parameters.
+    "tiny": {
+        **_BASE,
+        "conv_layers": tuple((64, k, s) for _, k, s in FAIRSEQ_CONV_LAYERS),
+        "encoder_embed_dim": 128,
+        "encoder_num_layers": 4,
+        "encoder_num_heads": 4,
+        "encoder_ff_interm_features": 512,
+        "final_dim": 64,
+        "encoder_projection_dropout": 0.05,
+        "encoder_attention_dropout": 0.05,
+        "encoder_dropout": 0.05,
+        "encoder_layer_drop": 0.0,
+        "pos_conv_kernel": 64,
+    },
+    "base": _BASE,
+    "large": _LARGE,
+    "xlarge": {**_LARGE, "encoder_embed_dim": 1280, "encoder_num_layers": 48, "encoder_ff_interm_features": 5120,
+               "final_dim": 1024},
+}  # fmt: skip
+
+
+class GradMultiply(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by `scale` (fairseq's GradMultiply)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor, None]:
+        return grad_outputs[0] * ctx.scale, None
+
+
+class LogitGenerator(nn.Module):
+    """Cosine similarity of projected frames to every label embedding, over a temperature: (N, D) -> (N, C)."""
+
+    def __init__(self, encoder_embed_dim: int, final_dim: int, num_classes: int, temperature: float) -> None:
+        super().__init__()
+        self.label_embeddings = nn.Parameter(torch.empty(num_classes, final_dim))
+        nn.init.uniform_(self.label_embeddings)
+        self.final_proj = nn.Linear(encoder_embed_dim, final_dim)
+        self.logit_temp = nn.Buffer(torch.tensor(temperature))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Same logits as fairseq's [positive, all negatives with the positive set to -inf], as one matmul:
+        # cross-entropy over classes then equals fairseq's loss without a (C, N, D) tensor of targets.
+        x = F.normalize(self.final_proj(x).float(), dim=-1, eps=1e-8)  # (N, final_dim)
+        embeddings = F.normalize(self.label_embeddings.float(), dim=-1, eps=1e-8)  # (C, final_dim)
+        return x @ embeddings.t() / self.logit_temp  # (N, C)
+
+
+def hubert_components(cfg: HubertConfig) -> tuple[FeatureExtractor, nn.Sequential, Transformer]:
+    blocks, in_channels = nn.ModuleList(), 1
+    for i, (out_channels, kernel_size, stride) in enumerate(cfg.conv_layers):
+        norm: nn.Module | None = None
+        if cfg.extractor_mode == "layer_norm":
+            norm = LayerNorm(normalized_shape=out_channels, elementwise_affine=True)
+        elif i == 0:
+            norm = nn.GroupNorm(num_groups=out_channels, num_channels=out_channels, affine=True)
+        blocks.append(ConvLayerBlock(in_channels, out_channels, kernel_size, stride, norm, bias=False))
+        in_channels = out_channels
+    feature_extractor = FeatureExtractor(blocks)
+    pos_conv = ConvPositionalEmbedding(cfg.encoder_embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups, depth=1)
+    conv = cast("nn.Conv1d", pos_conv.convs[0])
+    nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (cfg.encoder_embed_dim * cfg.pos_conv_kernel)))
+    nn.init.constant_(cast("Tensor", conv.bias), 0.0)
+    pos_conv.convs[0] = weight_norm(conv, dim=2)  # fairseq inits the conv, then applies weight norm
+    pos_conv.layer_norm = nn.Identity()  # ty: ignore[invalid-assignment]  (fairseq's has no norm there)
+    layers = nn.ModuleList()
+    for _ in range(cfg.encoder_num_layers):
+        attn = SelfAttention(
+            cfg.encoder_embed_dim, cfg.encoder_num_heads, qkv_bias=True, dropout=cfg.encoder_attention_dropout
+        )
+        ff = FeedForward(cfg.encoder_embed_dim, cfg.encoder_ff_interm_features, cfg.encoder_ff_interm_dropout)
+        layers.append(TransformerLayer(attn, cfg.encoder_dropout, ff, layer_norm_first=cfg.encoder_layer_norm_first))
+    # spidr's Transformer normalises before the layers when told `layer_norm_first`: that is the post-norm model.
+    encoder = Transformer(
+        layers, pos_conv, cfg.encoder_dropout, cfg.encoder_layer_drop, layer_norm_first=not cfg.encoder_layer_norm_first
+    )
+    feature_projection = nn.Sequential(
+        FeatureProjection(cfg.conv_layers[-1][0], cfg.encoder_embed_dim),
+        nn.Dropout(cfg.encoder_projection_dropout),
+    )
+    return feature_extractor, feature_projection, encoder
+
+
+class HuBERT(nn.Module):
+    """Conv feature extractor, feature projection, transformer encoder: (B, T) audio -> (B, frames, D)."""
+
+    def __init__(self, cfg: HubertConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.feature_extractor, self.feature_projection, self.encoder = hubert_components(cfg)
+        self.receptive_field = 1 + sum((k - 1) * math.prod(s for _, _, s in cfg.conv_layers[:i])
+                                       for i, (_, k, _) in enumerate(cfg.conv_layers))  # fmt: skip
+
+    def _conv_features(self, waveforms: Tensor) -> Tensor:
+        if waveforms.ndim != 2:  # noqa: PLR2004
+            raise ValueError(f"waveforms must be (batch, samples), got shape {tuple(waveforms.shape)}")
+        if waveforms.shape[1] < self.receptive_field:
+            raise ValueError(f"waveforms of {waveforms.shape[1]} samples: at least {self.receptive_field} needed")
+        mult = self.config.feature_grad_mult
+        if mult == 0.0:
+            with torch.no_grad():
+                return self.feature_extractor(waveforms)
+        x = self.feature_extractor(waveforms)  # (B, frames, C)
+        return GradMultiply.apply(x, mult) if mult != 1.0 and torch.is_grad_enabled() else x
+
+    def forward(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
+        x = self.feature_projection(self._conv_features(waveforms))  # (B, frames, D)
+        return self.encoder(x, attention_mask)
+
+    def get_intermediate_outputs(
+        self,
+        waveforms: Tensor,
+        *,
+        attention_mask: Tensor | None = None,
+        num_layers: int | None = None,
+        before_residual: bool = True,
+    ) -> list[Tensor]:
+        """Outputs of the first `num_layers` layers (all by default), each (B, frames, D).
+
+        `before_residual=True` gives each layer's feed-forward output before its residual (minimal_hubert's and
+        spidr's default); `False` gives the layer outputs, as fairseq's `extract_features(output_layer=n)`.
+        """
+        x = self.feature_projection(self._conv_features(waveforms))
+        return self.encoder.get_intermediate_outputs(x, attention_mask, num_layers, before_residual=before_residual)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, *, trust_pickle: bool = False) -> Self:
+        """Load a checkpoint in any layout of `hubert_pipeline.compat`, or an MLflow URI (`models:/name@alias`).
+
+        The model is returned in eval mode.
+
+        `trust_pickle` allows full unpickling of `.pt` files (fairseq checkpoints); only for files you trust.
+        """
+        from hubert_pipeline.compat import load_state_dict_any, local_source
+
+        with local_source(source) as path:
+            state_dict, config = load_state_dict_any(path, trust_pickle=trust_pickle)
+        return cls.from_state_dict(state_dict, config)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, Tensor], config: HubertConfig | None = None) -> Self:
+        """A model (eval mode, float32) from a state dict in any layout; `config` inferred from shapes if not given.
+
+        No copy is made: the model's parameters share memory with the float32 tensors of `state_dict`.
+        """
+        from hubert_pipeline.compat import to_native
+
+        state_dict, config = to_native(state_dict, for_pretraining=issubclass(cls, HuBERTPretrain), config=config)
+        state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+        with torch.device("meta"):  # no random init of weights that are overwritten at once
+            model = cls._build(config, state_dict)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval()
+
+    @classmethod
+    def _build(cls, config: HubertConfig, state_dict: dict[str, Tensor]) -> Self:  # noqa: ARG003
+        return cls(config)
+
+
+class HuBERTPretrain(HuBERT):
+    """HuBERT with a mask embedding and the masked-prediction head (fairseq's HubertModel)."""
+
+    def __init__(self, cfg: HubertConfig, num_classes: int) -> None:
+        super().__init__(cfg)
+        self.num_classes = num_classes
+        self.logit_generator = LogitGenerator(cfg.encoder_embed_dim, cfg.final_dim, num_classes, cfg.logit_temperature)
+        self.mask_embedding = nn.Parameter(torch.empty(cfg.encoder_embed_dim))
+        nn.init.uniform_(self.mask_embedding)
+
+    def forward(  # ty: ignore[incompatible-method-override]  (a pretraining step, not an encoder call)
+        self,
+        waveforms: Tensor,
+        labels: Tensor,
+        *,
+        mask: Tensor | None,
+        attention_mask: Tensor | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Loss of every masked frame whose label is not padding (-1), flattened in (batch, frame) order.
+
+        waveforms (B, T); labels (B, frames) with -1 on padding; mask (B, frames) bool, True = replaced by the mask
+        embedding and predicted (None: nothing masked, every non-padding frame predicted). Returns
+        `(loss (N,), {"logits_loss": (N,), "correct": (N,) bool, "feature_penalty": scalar})`; the feature penalty
+        (mean squared conv feature, fairseq's `features_pen`) is left for the trainer to weight.
+        """
+        features = self._conv_features(waveforms)  # (B, frames, C)
+        feature_penalty = features.float().pow(2).mean()
+        x = self.feature_projection(features)  # (B, frames, D)
+        if labels.shape != x.shape[:2]:
+            raise ValueError(f"labels {tuple(labels.shape)} do not match the model's frames {tuple(x.shape[:2])}")
+        selected = labels >= 0
+        if mask is not None:
+            if mask.shape != labels.shape:
+                raise ValueError(f"mask {tuple(mask.shape)} does not match labels {tuple(labels.shape)}")
+            x = torch.where(mask.unsqueeze(-1), self.mask_embedding.to(x.dtype).expand_as(x), x)
+            selected = selected & mask
+        x = self.encoder(x, attention_mask)
+        index = torch.nonzero(selected, as_tuple=True)
+        target = labels[index]  # (N,)
+        logits = self.logit_generator(x[index])  # (N, C)
+        logits_loss = F.cross_entropy(logits, target, reduction="none")
+        correct = logits.argmax(dim=-1) == target
+        return logits_loss, {"logits_loss": logits_loss, "correct": correct, "feature_penalty": feature_penalty}
+
+    @classmethod
+    def _build(cls, config: HubertConfig, state_dict: dict[str, Tensor]) -> Self:
+        return cls(config, num_classes=state_dict["logit_generator.label_embeddings"].shape[0])

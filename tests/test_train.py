@@ -1,0 +1,154 @@
+"""Training on tiny real audio: loss falls, checkpoints exact, resume matches, DDP matches one process."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import write_wav
+
+from hubert_pipeline.model import HubertConfig
+from hubert_pipeline.params import TrainParams, ValidateParams
+from hubert_pipeline.train import NonFiniteLossError, list_checkpoints, train
+from hubert_pipeline.units import model_frames
+from hubert_pipeline.validate import choose, validate_checkpoints
+
+NO_DROPOUT = {
+    "encoder_projection_dropout": 0.0,
+    "encoder_attention_dropout": 0.0,
+    "encoder_ff_interm_dropout": 0.0,
+    "encoder_dropout": 0.0,
+    "encoder_layer_drop": 0.0,
+}
+CFG = TrainParams(
+    max_steps=6,
+    warmup_steps=2,
+    lr=1e-3,
+    max_batch_samples=4 * 48_000,
+    min_sample_size=16_000,
+    max_sample_size=48_000,
+    num_buckets=2,
+    save_interval=2,
+    log_interval=1,
+    num_workers=0,
+    mask_prob=0.5,
+    mask_length=4,
+)
+
+
+def make_manifest(folder, n_files=12, classes=8):
+    """Files alternating between pitches; the unit of a frame is its pitch class: learnable from the audio."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_files):
+        seconds = 1.5 + 0.5 * (i % 4)
+        n = int(seconds * 16_000)
+        segments = rng.integers(0, classes, size=int(seconds * 5))
+        per = -(-n // len(segments))
+        freqs = np.repeat(200 + 100 * segments, per)[:n]
+        phase = np.cumsum(2 * np.pi * freqs / 16_000)
+        wav = 0.4 * np.sin(phase) + rng.normal(0, 0.01, n)
+        path = write_wav(folder / f"f{i:02d}.wav", wav)
+        frames = model_frames(n)
+        units = [int(segments[min(len(segments) - 1, (k * 320 + 200) // per)]) for k in range(frames)]
+        rows.append({"fileid": f"f{i:02d}", "path": str(path), "num_samples": n, "units": units})
+    manifest = folder / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return make_manifest(tmp_path_factory.mktemp("data"))
+
+
+def run_train(manifest, out, cfg=CFG, *, stop_at=None, overrides=NO_DROPOUT):
+    losses = {}
+
+    def log(metrics, step):
+        losses[step] = metrics["train_loss"]
+        if stop_at is not None and step == stop_at:
+            raise KeyboardInterrupt  # a kill right after this step
+
+    train(manifest, out, cfg=cfg, model_size="tiny", model_overrides=overrides, num_classes=8, log_fn=log)
+    return losses
+
+
+def test_checkpoints_are_saved_every_interval_exactly_and_at_the_end(manifest, tmp_path):
+    cfg = TrainParams(**{**CFG.__dict__, "max_steps": 5})
+    run_train(manifest, tmp_path, cfg)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4, 5]
+    state = torch.load(tmp_path / "step_00000005.pt", weights_only=True)
+    assert state["step"] == 5
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "steps_in_epoch", "model_config"} <= set(state)
+    assert HubertConfig.from_dict(state["model_config"]).encoder_dropout == 0.0
+
+
+def test_resumed_run_gives_the_losses_and_weights_of_an_uninterrupted_run(manifest, tmp_path):
+    full = run_train(manifest, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run_train(manifest, tmp_path / "cut", stop_at=5)  # killed after step 5: the last checkpoint is step 4
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2, 4]
+    resumed = run_train(manifest, tmp_path / "cut")
+    assert sorted(resumed) == [5, 6]
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5)
+    a = torch.load(tmp_path / "full" / "step_00000006.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "step_00000006.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_training_loss_falls_on_learnable_units(manifest, tmp_path):
+    cfg = TrainParams(**{**CFG.__dict__, "max_steps": 40, "warmup_steps": 5, "save_interval": 20, "lr": 2e-3})
+    losses = run_train(manifest, tmp_path, cfg)
+    first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(36, 41)])
+    assert last < first - 0.15, (first, last)
+
+
+def test_non_finite_loss_stops_training_with_an_error_naming_the_step(manifest, tmp_path):
+    cfg = TrainParams(**{**CFG.__dict__, "lr": 1e30, "warmup_steps": 0, "max_steps": 20, "grad_clip": 1e30})
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
+        run_train(manifest, tmp_path, cfg)
+
+
+def test_units_out_of_range_fail_before_training(manifest, tmp_path):
+    with pytest.raises(ValueError, match="out of range for 4 classes"):
+        train(manifest, tmp_path, cfg=CFG, model_size="tiny", num_classes=4)
+
+
+def test_validation_scores_are_identical_on_every_run_and_the_rule_picks(manifest, tmp_path):
+    run_train(manifest, tmp_path)
+    checkpoints = list_checkpoints(tmp_path)
+    first = validate_checkpoints(manifest, checkpoints, cfg=ValidateParams(max_batch_samples=200_000), train_cfg=CFG)
+    again = validate_checkpoints(manifest, checkpoints[::-1], cfg=ValidateParams(max_batch_samples=200_000), train_cfg=CFG)
+    assert {s.step: s.loss for s in first} == {s.step: s.loss for s in again}
+    assert len({s.frames for s in first}) == 1
+    assert choose(first, "last").step == 6
+    assert choose(first, "lowest_loss").loss == min(s.loss for s in first)
+
+
+def _ddp_worker(rank, port, manifest, out, cfg):
+    import os
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+    torch.set_num_threads(1)
+    train(manifest, out, cfg=cfg, model_size="tiny", model_overrides=NO_DROPOUT, num_classes=8)
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_matches_one_process_at_the_same_global_batch(manifest, tmp_path):
+    cfg = TrainParams(**{**CFG.__dict__, "max_steps": 4, "max_batch_samples": 2 * 48_000})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(manifest), str(tmp_path / "ddp"), cfg), nprocs=2)
+    run_train(manifest, tmp_path / "single", TrainParams(**{**cfg.__dict__, "accumulate": 2}))
+    a = torch.load(tmp_path / "single" / "step_00000004.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "ddp" / "step_00000004.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
