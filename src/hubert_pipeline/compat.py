@@ -245,7 +245,7 @@ def _hf_overrides(hf: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_torch(path: Path, *, trust_pickle: bool) -> dict[str, Any]:
+def _load_torch(path: Path, *, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -296,12 +296,14 @@ def load_state_dict_any(
     if path.suffix == ".safetensors":
         return load_file(path), None
     checkpoint = _load_torch(path, trust_pickle=trust_pickle)
+    if not isinstance(checkpoint, Mapping):
+        raise TypeError(f"{path} holds a {type(checkpoint).__name__}, not a state dict or checkpoint dict")
     for key in ("model", "model_weight", "state_dict"):  # fairseq, s3prl, lightning
         if isinstance(checkpoint.get(key), Mapping):
             weights = dict(checkpoint[key])
             overrides = _fairseq_overrides(checkpoint)
             return weights, infer_config(weights, **overrides) if overrides else None
-    return checkpoint, None
+    return dict(checkpoint), None
 
 
 @contextlib.contextmanager
@@ -333,8 +335,15 @@ def _atomic_dir(out_dir: str | Path) -> Generator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _owns_storage(tensor: Tensor) -> bool:
+    full = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return bool(tensor.storage_offset() == 0 and full)
+
+
 def _save_tensors(state_dict: Mapping[str, Tensor], path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}, path)  # no shared storage
+    """safetensors refuses tensors that share storage (views such as q/k/v of qkv): those are copied."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    save_file({k: v if _owns_storage(v) else v.clone() for k, v in tensors.items()}, path)
 
 
 def save_native(model: HuBERT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> None:

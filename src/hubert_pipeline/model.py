@@ -176,9 +176,11 @@ class LogitGenerator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # Same logits as fairseq's [positive, all negatives with the positive set to -inf], as one matmul:
         # cross-entropy over classes then equals fairseq's loss without a (C, N, D) tensor of targets.
-        x = F.normalize(self.final_proj(x).float(), dim=-1, eps=1e-8)  # (N, final_dim)
-        embeddings = F.normalize(self.label_embeddings.float(), dim=-1, eps=1e-8)  # (C, final_dim)
-        return x @ embeddings.t() / self.logit_temp  # (N, C)
+        x = self.final_proj(x)
+        with torch.autocast(x.device.type, enabled=False):  # logits in float32, as fairseq's
+            x = F.normalize(x.float(), dim=-1, eps=1e-8)  # (N, final_dim)
+            embeddings = F.normalize(self.label_embeddings.float(), dim=-1, eps=1e-8)  # (C, final_dim)
+            return x @ embeddings.t() / self.logit_temp  # (N, C)
 
 
 def hubert_components(cfg: HubertConfig) -> tuple[FeatureExtractor, nn.Sequential, Transformer]:
@@ -239,6 +241,7 @@ class HuBERT(nn.Module):
         return GradMultiply.apply(x, mult) if mult != 1.0 and torch.is_grad_enabled() else x
 
     def forward(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
+        """(B, T) audio -> (B, frames, D). `attention_mask`: bool (B, 1, 1, frames), True on real frames (spidr's)."""
         x = self.feature_projection(self._conv_features(waveforms))  # (B, frames, D)
         return self.encoder(x, attention_mask)
 

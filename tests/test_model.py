@@ -1,0 +1,249 @@
+import json
+
+import pytest
+import torch
+from minimal_hubert.model import HuBERTPretrain as ReferencePretrain
+from torch.testing import assert_close
+
+from hubert_pipeline.model import SIZES, HuBERT, HubertConfig, HuBERTPretrain
+from hubert_pipeline.units import model_frames
+
+NUM_CLASSES = 100
+
+
+def tiny(**overrides) -> HubertConfig:
+    return HubertConfig.preset("tiny", **overrides)
+
+
+def seeded(model_cls, *args, seed: int = 0):
+    torch.manual_seed(seed)
+    return model_cls(*args)
+
+
+@pytest.mark.parametrize(
+    ("size", "parameters"),
+    [("tiny", 933_824), ("base", 94_370_944), ("large", 315_434_112), ("xlarge", 962_492_544)],
+)
+def test_every_preset_builds_with_the_expected_number_of_parameters(size, parameters):
+    with torch.device("meta"):  # no memory, no init cost: xlarge is 1B parameters
+        model = HuBERT(HubertConfig.preset(size))
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_every_preset_keeps_fairseq_kernels_and_strides():
+    base = HubertConfig.preset("base").conv_layers
+    for size in SIZES:
+        assert [(k, s) for _, k, s in HubertConfig.preset(size).conv_layers] == [(k, s) for _, k, s in base]
+
+
+@pytest.mark.parametrize("num_samples", [400, 401, 719, 720, 16_000, 16_319, 16_320, 33_333])
+def test_tiny_model_gives_one_output_per_model_frame(num_samples):
+    model = seeded(HuBERT, tiny()).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, num_samples))
+    assert out.shape == (3, model_frames(num_samples), 128)
+
+
+def test_waveforms_that_are_not_batched_or_too_short_are_rejected():
+    model = HuBERT(tiny()).eval()
+    with pytest.raises(ValueError, match="batch, samples"):
+        model(torch.randn(16_000))
+    with pytest.raises(ValueError, match="at least 400"):
+        model(torch.randn(1, 399))
+
+
+def encode(model, waveforms):
+    """HuBERT's forward, for either implementation."""
+    return model.encoder(model.feature_projection(model.feature_extractor(waveforms)))
+
+
+@pytest.mark.slow
+def test_base_pretrain_state_dict_has_minimal_hubert_keys_and_shapes():
+    ours = seeded(HuBERTPretrain, HubertConfig.preset("base"), NUM_CLASSES).state_dict()
+    reference = seeded(ReferencePretrain, NUM_CLASSES, "base").state_dict()
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.items()}
+    assert list(ours) == list(reference)
+
+
+@pytest.mark.slow
+def test_weights_exchanged_with_minimal_hubert_give_identical_outputs_and_losses():
+    ours = seeded(HuBERTPretrain, HubertConfig.preset("base"), NUM_CLASSES, seed=1).eval()
+    reference = seeded(ReferencePretrain, NUM_CLASSES, "base", seed=2).eval()
+    reference_weights = {k: v.clone() for k, v in reference.state_dict().items()}
+    torch.manual_seed(3)
+    waveforms = torch.randn(2, 6_000)
+    frames = int(model_frames(6_000))
+    labels = torch.randint(0, NUM_CLASSES, (2, frames))
+    mask = torch.rand(2, frames) < 0.5
+
+    reference.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        assert_close(encode(ours, waveforms), encode(reference, waveforms))
+        loss, out = ours(waveforms, labels, mask=mask, attention_mask=None)
+        reference_loss, _ = reference(waveforms, labels, mask=mask, attention_mask=None)
+    # minimal_hubert adds the feature penalty into every frame's loss; we return it apart.
+    assert_close(loss + out["feature_penalty"], reference_loss, atol=1e-5, rtol=1e-5)
+
+    ours.load_state_dict(reference_weights)
+    reference.load_state_dict(reference_weights)
+    with torch.no_grad():
+        assert_close(encode(ours, waveforms), encode(reference, waveforms))
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_last_intermediate_output_after_residual_is_the_forward_output(layer_norm_first):
+    cfg = tiny(
+        encoder_layer_norm_first=layer_norm_first, extractor_mode="layer_norm" if layer_norm_first else "group_norm"
+    )
+    model = seeded(HuBERT, cfg).eval()
+    waveforms = torch.randn(2, 8_000)
+    with torch.no_grad():
+        outputs = model.get_intermediate_outputs(waveforms, before_residual=False)
+        expected = model(waveforms)
+    assert len(outputs) == cfg.encoder_num_layers
+    last = model.encoder.layer_norm(outputs[-1]) if layer_norm_first else outputs[-1]  # pre-norm: a final norm
+    assert_close(last, expected)
+
+
+def test_padding_under_an_attention_mask_leaves_the_frames_of_the_shorter_file_unchanged():
+    model = seeded(HuBERT, tiny(extractor_mode="layer_norm")).eval()  # group norm would see the padding
+    short, long = torch.randn(1, 8_000), torch.randn(1, 12_000)
+    padded = torch.cat([torch.nn.functional.pad(short, (0, 4_000)), long])
+    frames = torch.tensor([model_frames(8_000), model_frames(12_000)])
+    attention_mask = (torch.arange(int(frames.max())) < frames[:, None])[:, None, None, :]  # (B, 1, 1, frames)
+    with torch.no_grad():
+        out = model(padded, attention_mask=attention_mask)
+        assert_close(out[0, : frames[0]], model(short)[0])
+        assert_close(out[1], model(long)[0])
+
+
+def test_intermediate_outputs_stop_at_num_layers_and_reject_impossible_counts():
+    model = seeded(HuBERT, tiny()).eval()
+    waveforms = torch.randn(1, 8_000)
+    with torch.no_grad():
+        before = model.get_intermediate_outputs(waveforms, num_layers=2)
+        after = model.get_intermediate_outputs(waveforms, num_layers=2, before_residual=False)
+    assert len(before) == len(after) == 2
+    assert all(x.shape == (1, model_frames(8_000), 128) for x in before + after)
+    assert not torch.allclose(before[-1], after[-1])
+    for num_layers in (0, 5):
+        with pytest.raises(ValueError, match="num_layers"):
+            model.get_intermediate_outputs(waveforms, num_layers=num_layers)
+
+
+def batch(num_samples=(16_000, 12_000), seed=0):
+    """Zero-padded waveforms, labels with -1 on padded frames, and a random mask."""
+    generator = torch.Generator().manual_seed(seed)
+    frames = int(model_frames(max(num_samples)))
+    waveforms = torch.randn(len(num_samples), max(num_samples), generator=generator)
+    labels = torch.randint(0, NUM_CLASSES, (len(num_samples), frames), generator=generator)
+    for i, n in enumerate(num_samples):
+        waveforms[i, n:] = 0
+        labels[i, model_frames(n) :] = -1
+    mask = torch.rand(labels.shape, generator=generator) < 0.5
+    return waveforms, labels, mask
+
+
+def test_pretrain_loss_counts_only_masked_frames_that_have_a_label():
+    model = seeded(HuBERTPretrain, tiny(), NUM_CLASSES)
+    waveforms, labels, mask = batch()
+    assert (mask & (labels == -1)).any(), "the batch must mask some padding frames"
+    loss, out = model(waveforms, labels, mask=mask, attention_mask=None)
+    expected = int((mask & (labels >= 0)).sum())
+    assert loss.shape == out["logits_loss"].shape == out["correct"].shape == (expected,)
+    assert out["correct"].dtype == torch.bool
+    assert out["feature_penalty"].ndim == 0
+    assert torch.isfinite(loss).all()
+    assert torch.isfinite(out["feature_penalty"])
+
+
+def test_pretrain_loss_without_a_mask_predicts_every_labelled_frame():
+    model = seeded(HuBERTPretrain, tiny(), NUM_CLASSES).eval()
+    waveforms, labels, _ = batch()
+    with torch.no_grad():
+        loss, _ = model(waveforms, labels, mask=None, attention_mask=None)
+    assert loss.shape == (int((labels >= 0).sum()),)
+
+
+def test_pretrain_accuracy_is_whether_the_label_has_the_largest_logit():
+    model = seeded(HuBERTPretrain, tiny(), NUM_CLASSES).eval()
+    waveforms, labels, mask = batch()
+    with torch.no_grad():
+        _, out = model(waveforms, labels, mask=mask, attention_mask=None)
+        x = model.encoder(
+            torch.where(
+                mask.unsqueeze(-1), model.mask_embedding, model.feature_projection(model.feature_extractor(waveforms))
+            )
+        )
+        selected = mask & (labels >= 0)
+        logits = model.logit_generator(x[selected])
+    assert_close(out["correct"], logits.argmax(-1) == labels[selected])
+
+
+def test_labels_or_masks_of_the_wrong_length_are_rejected():
+    model = HuBERTPretrain(tiny(), NUM_CLASSES)
+    waveforms, labels, mask = batch()
+    with pytest.raises(ValueError, match="labels"):
+        model(waveforms, labels[:, :-1], mask=None, attention_mask=None)
+    with pytest.raises(ValueError, match="mask"):
+        model(waveforms, labels, mask=mask[:, :-1], attention_mask=None)
+
+
+def conv_and_projection_grads(feature_grad_mult: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    model = seeded(HuBERTPretrain, tiny(feature_grad_mult=feature_grad_mult), NUM_CLASSES).eval()  # no dropout
+    waveforms, labels, mask = batch()
+    loss, out = model(waveforms, labels, mask=mask, attention_mask=None)
+    (loss.sum() + 10 * out["feature_penalty"]).backward()
+    conv = [p.grad for p in model.feature_extractor.parameters()]
+    projection = [p.grad for p in model.feature_projection.parameters()]
+    return conv, projection
+
+
+def test_feature_grad_mult_scales_only_the_gradients_into_the_conv_extractor():
+    conv_full, projection_full = conv_and_projection_grads(1.0)
+    conv_scaled, projection_scaled = conv_and_projection_grads(0.1)
+    assert all(g is not None and g.abs().sum() > 0 for g in conv_scaled)
+    for full, scaled in zip(conv_full, conv_scaled, strict=True):
+        assert_close(scaled, 0.1 * full, rtol=1e-4, atol=1e-7)
+    for full, scaled in zip(projection_full, projection_scaled, strict=True):
+        assert_close(scaled, full, rtol=1e-4, atol=1e-7)
+
+
+def test_feature_grad_mult_of_zero_freezes_the_conv_extractor():
+    conv, projection = conv_and_projection_grads(0.0)
+    assert all(g is None for g in conv)
+    assert all(g is not None for g in projection)
+
+
+def test_unknown_size_is_an_error_listing_the_sizes():
+    with pytest.raises(ValueError, match="tiny, base, large, xlarge"):
+        HubertConfig.preset("huge")  # ty: ignore[invalid-argument-type]
+
+
+def test_unknown_override_is_an_error_naming_it():
+    with pytest.raises(ValueError, match="encoder_dropuot"):
+        HubertConfig.preset("base", encoder_dropuot=0.2)
+
+
+def test_overrides_replace_preset_values():
+    cfg = HubertConfig.preset("base", encoder_layer_drop=0.0, final_dim=128)
+    assert (cfg.encoder_layer_drop, cfg.final_dim, cfg.encoder_embed_dim) == (0.0, 128, 768)
+
+
+def test_config_survives_a_json_round_trip_with_tuples_restored():
+    cfg = HubertConfig.preset("large", conv_layers=((32, 10, 5),) + ((32, 3, 2),) * 6)
+    restored = HubertConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert restored == cfg
+    assert isinstance(restored.conv_layers[0], tuple)
+
+
+def test_config_from_dict_names_unknown_fields():
+    with pytest.raises(ValueError, match="bogus"):
+        HubertConfig.from_dict({**tiny().to_dict(), "bogus": 1})
+
+
+def test_inconsistent_config_is_rejected():
+    with pytest.raises(ValueError, match="divisible"):
+        tiny(encoder_num_heads=3)
+    with pytest.raises(ValueError, match="extractor_mode"):
+        tiny(extractor_mode="batch_norm")
