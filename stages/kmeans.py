@@ -33,7 +33,7 @@ if __name__ == "__main__":
         result = fit_kmeans(
             store,
             k=k,
-            fit_fraction=cfg.fit_fraction,
+            fit_fraction=cfg.fit_fraction if args.iteration == 1 else 1.0,  # the it2 store holds the subset only
             seed=cfg.seed,
             max_iter=cfg.max_iter,
             tol=cfg.tol,

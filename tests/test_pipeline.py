@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "demo": {"train_minutes": 1.5, "valid_minutes": 0.3, "abx_minutes": 0.3},
     "mfcc": {"num_shards": 3},
-    "kmeans": {"k_it1": 20, "n_init": 1},
+    "kmeans": {"k_it1": 20, "k": 30, "n_init": 1, "fit_fraction": 0.5},
+    "train_it1": {"max_steps": 6, "warmup_steps": 2, "save_interval": 3, "log_interval": 2, "num_workers": 0},
+    "train_it2": {"max_steps": 4, "warmup_steps": 1, "save_interval": 2, "log_interval": 2, "num_workers": 0},
+    "iteration2": {"num_shards": 2},
 }
 
 

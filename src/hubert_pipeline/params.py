@@ -129,6 +129,19 @@ class ValidateParams:
 
 
 @dataclass(frozen=True)
+class AbxParams:
+    rule: Literal["lowest_within", "lowest_across", "lowest_mean"] = "lowest_within"  # which layer feeds iteration 2
+
+
+@dataclass(frozen=True)
+class Iteration2Params:
+    teacher: str = "outputs/pretrain/it1/best"  # model whose layer makes the iteration-2 targets (folder or file)
+    layer: int = 0  # 0: the layer chosen by ABX; else this layer (HuBERT Base recipe: 6)
+    num_shards: int = 4
+    dtype: Literal["float32", "float16"] = "float16"
+
+
+@dataclass(frozen=True)
 class Params:
     mlflow: MlflowParams = MlflowParams()
     execution: ExecutionParams = ExecutionParams()
@@ -142,6 +155,8 @@ class Params:
     train_it1: TrainParams = TrainParams()
     train_it2: TrainParams = TrainParams()
     validate: ValidateParams = ValidateParams()
+    abx: AbxParams = AbxParams()
+    iteration2: Iteration2Params = Iteration2Params()
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0911

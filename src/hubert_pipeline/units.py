@@ -64,7 +64,7 @@ def transcribe_shard(store: str, centroids: str, parts: str, shard: int) -> int:
     c = load_centroids(centroids, dim=features.meta.dim)
     rows = features.index.filter(pl.col("shard") == shard)
     data = features.shard(shard)
-    units = predict(torch.from_numpy(np.asarray(data, dtype=np.float32)), c).numpy() if len(data) else np.zeros(0, int)
+    units = predict(torch.from_numpy(np.array(data, dtype=np.float32)), c).numpy() if len(data) else np.zeros(0, int)
     result = {fid: units[off : off + n].tolist() for fid, off, n in rows.select("fileid", "offset", "length").iter_rows()}
     write_json(out, result)
     return len(result)
@@ -148,6 +148,41 @@ def units_for_split(
     for s in range(store.meta.num_shards):
         units.update(json.loads((parts / f"shard-{s:05d}.json").read_text()))
     report = merge_units(manifest, units, output, step=step, tolerance=tolerance)
+    shutil.rmtree(parts)
+    return report
+
+
+def stream_units_for_split(
+    manifest_path: str | Path,
+    output: str | Path,
+    *,
+    teacher: str,
+    layer: int,
+    centroids: str | Path,
+    num_shards: int,
+    normalize: bool,
+    tolerance: int,
+    execution: ExecutionParams,
+) -> MergeReport:
+    """Units of one split from audio through the teacher's layer (no feature dump), merged into `output`."""
+    from hubert_pipeline.layer_features import load_teacher, stream_units_shard
+
+    manifest = read_manifest(manifest_path)
+    load_teacher(teacher, layer, "cpu")  # a bad checkpoint or layer fails before the workers start
+    num_shards = max(1, min(num_shards, manifest.height))
+    parts = Path(output).parent / f".{Path(output).stem}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        {"manifest": str(manifest_path), "parts": str(parts), "shard": s, "num_shards": num_shards,
+         "teacher": teacher, "layer": layer, "centroids": str(centroids), "normalize": normalize,
+         "device": execution.device}
+        for s in range(num_shards)
+    ]  # fmt: skip
+    map_tasks(stream_units_shard, tasks, execution=execution, desc=f"units {Path(output).stem}")
+    units: dict[str, list[int]] = {}
+    for s in range(num_shards):
+        units.update(json.loads((parts / f"shard-{s:05d}.json").read_text()))
+    report = merge_units(manifest, units, output, step=1, tolerance=tolerance)
     shutil.rmtree(parts)
     return report
 

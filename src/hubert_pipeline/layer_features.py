@@ -1,0 +1,125 @@
+"""Iteration 2: features of one layer of a pretrained model, and units streamed from audio without a full dump.
+
+Only the files the k-means is fitted on are dumped (`fit_fraction` of the training set, fp16 by default, in a
+sharded store at 50 Hz). Units of the whole corpus are then computed file by file: audio → model → layer →
+nearest centroid, so the layer features of the corpus (531 GB for LibriSpeech in fp32) never touch the disk.
+Layer outputs are the transformer layers' outputs (`before_residual=False`), as fairseq's `output_layer=n`.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from hubert_pipeline.audio import load_audio, read_manifest, source_of
+from hubert_pipeline.io import write_json
+from hubert_pipeline.launch import map_tasks
+from hubert_pipeline.params import ExecutionParams
+from hubert_pipeline.store import StoreMeta, assign_shards, finalize_store, is_shard_complete, write_shard
+
+logger = logging.getLogger(__name__)
+
+FRAME_RATE = 50.0
+
+
+def _device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("execution.device is 'cuda' but CUDA is not available")
+    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+
+def load_teacher(source: str, layer: int, device: str) -> "tuple[torch.nn.Module, torch.device]":
+    from hubert_pipeline.model import HuBERT
+
+    model = HuBERT.from_pretrained(source)
+    if not 1 <= layer <= model.config.encoder_num_layers:
+        raise ValueError(f"{source}: layer {layer} is out of range 1..{model.config.encoder_num_layers}")
+    dev = _device(device)
+    return model.to(dev).eval(), dev
+
+
+@torch.no_grad()
+def layer_output(model: torch.nn.Module, waveform: torch.Tensor, layer: int, *, normalize: bool) -> torch.Tensor:
+    """(frames, D) output of transformer layer `layer` (1-based) for one waveform (T,)."""
+    if normalize:
+        waveform = torch.nn.functional.layer_norm(waveform, waveform.shape)
+    outputs = model.get_intermediate_outputs(waveform[None], num_layers=layer, before_residual=False)
+    return outputs[layer - 1][0].float()
+
+
+def fit_subset(manifest: pl.DataFrame, fraction: float, seed: int) -> pl.DataFrame:
+    """The seeded subset of training files the k-means is fitted on (at least one file)."""
+    n = max(1, round(fraction * manifest.height))
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(manifest.height, size=min(n, manifest.height), replace=False))
+    return manifest.sort("fileid")[chosen.tolist()]
+
+
+def extract_layer_shard(
+    manifest: str, root: str, shard: int, num_shards: int, teacher: str, layer: int,
+    fileids: list[str], dtype: str, normalize: bool, device: str,
+) -> int:  # fmt: skip
+    if is_shard_complete(root, shard):
+        return -1
+    df = assign_shards(read_manifest(manifest).filter(pl.col("fileid").is_in(fileids)), num_shards)
+    rows = df.filter(pl.col("shard") == shard).to_dicts()
+    model, dev = load_teacher(teacher, layer, device)
+    items = (
+        (row["fileid"], layer_output(model, load_audio(source_of(row)).to(dev), layer, normalize=normalize).cpu().numpy())
+        for row in rows
+    )
+    return write_shard(root, shard, items, dtype=dtype, dim=model.config.encoder_embed_dim)
+
+
+def extract_layer_features(
+    manifest: str | Path,
+    root: str | Path,
+    *,
+    teacher: str,
+    layer: int,
+    fit_fraction: float,
+    seed: int,
+    num_shards: int,
+    dtype: str,
+    normalize: bool,
+    execution: ExecutionParams,
+) -> StoreMeta:
+    """Dump layer features of the k-means fitting subset into a sharded store."""
+    subset = fit_subset(read_manifest(manifest), fit_fraction, seed)
+    load_teacher(teacher, layer, "cpu")  # fail on a bad checkpoint or layer before starting workers
+    num_shards = min(num_shards, subset.height)
+    tasks = [
+        {"manifest": str(manifest), "root": str(root), "shard": s, "num_shards": num_shards, "teacher": teacher,
+         "layer": layer, "fileids": subset["fileid"].to_list(), "dtype": dtype, "normalize": normalize,
+         "device": execution.device}
+        for s in range(num_shards)
+    ]  # fmt: skip
+    map_tasks(extract_layer_shard, tasks, execution=execution, desc=f"layer {layer} features")
+    from hubert_pipeline.model import HuBERT
+
+    dim = HuBERT.from_pretrained(teacher).config.encoder_embed_dim
+    return finalize_store(root, num_shards=num_shards, dim=dim, dtype=dtype, frame_rate=FRAME_RATE)
+
+
+def stream_units_shard(
+    manifest: str, parts: str, shard: int, num_shards: int, teacher: str, layer: int, centroids: str,
+    normalize: bool, device: str,
+) -> int:  # fmt: skip
+    """Units of one shard of the manifest, straight from audio: parts/shard-XXXXX.json (fileid → units)."""
+    from hubert_pipeline.kmeans import load_centroids, predict
+
+    out = Path(parts) / f"shard-{shard:05d}.json"
+    if out.is_file():
+        return len(json.loads(out.read_text()))
+    rows = assign_shards(read_manifest(manifest), num_shards).filter(pl.col("shard") == shard).to_dicts()
+    model, dev = load_teacher(teacher, layer, device)
+    c = load_centroids(centroids, dim=model.config.encoder_embed_dim).to(dev)
+    units = {}
+    for row in rows:
+        features = layer_output(model, load_audio(source_of(row)).to(dev), layer, normalize=normalize)
+        units[row["fileid"]] = predict(features, c).cpu().tolist()
+    write_json(out, units)
+    return len(units)
