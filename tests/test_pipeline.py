@@ -1,17 +1,26 @@
-"""End to end: the real dvc.yaml in a temporary git repo, `dvc repro units_it1` on a tiny demo corpus, real MLflow."""
+"""End to end: the real dvc.yaml in a temporary git repo, the whole pipeline on a tiny demo corpus, real MLflow."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 import polars as pl
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = [
+    "demo_corpus", "manifest", "mfcc", "kmeans_it1", "units_it1", "pretrain_it1", "validate_it1", "abx_it1",
+    "features_it2", "kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2",
+]  # fmt: skip
+IT2_STAGES = ["kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2"]
 TINY = {
     "demo": {"train_minutes": 1.5, "valid_minutes": 0.3, "abx_minutes": 0.3},
     "mfcc": {"num_shards": 3},
@@ -44,7 +53,8 @@ def project(tmp_path_factory):
     run(["dvc", "init", "-q"], root)
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], root)
-    run(["dvc", "repro", "units_it1"], root)
+    run(["dvc", "repro", "pretrain_it2"], root)
+    run(["dvc", "repro"], root)
     return root
 
 
@@ -63,7 +73,7 @@ def test_units_match_manifests_one_to_one_at_the_model_frame_rate(project):
 
 @pytest.mark.slow
 def test_second_repro_runs_no_stage(project):
-    out = run(["dvc", "repro", "units_it1"], project).stdout
+    out = run(["dvc", "repro"], project).stdout
     assert "Running stage" not in out
     assert "up to date" in out
 
@@ -83,8 +93,8 @@ def test_mlflow_holds_one_tagged_run_per_stage_with_its_metrics(project):
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list")
     by_stage = {r.data.tags["stage"]: r for r in runs}
-    assert sorted(by_stage) == ["demo_corpus", "kmeans_it1", "manifest", "mfcc", "units_it1"]
-    assert len(runs) == 5
+    assert sorted(by_stage) == sorted(STAGES)
+    assert len(runs) == len(STAGES)
     assert by_stage["kmeans_it1"].data.metrics["inertia"] > 0
     assert by_stage["kmeans_it1"].data.params["kmeans.k_it1"] == "20"
     assert by_stage["units_it1"].data.tags["iteration"] == "1"
@@ -94,11 +104,72 @@ def test_mlflow_holds_one_tagged_run_per_stage_with_its_metrics(project):
 
 
 @pytest.mark.slow
-def test_changing_the_units_tolerance_reruns_only_the_units_stage(project):
+def test_both_iterations_are_registered_and_load_from_the_registry(project):
+    from hubert_pipeline.model import HuBERT
+
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
+    model = mlflow.MlflowClient().get_registered_model("hubert-pipeline")
+    assert set(model.aliases) == {"it1", "it2"}
+    version = mlflow.MlflowClient().get_model_version_by_alias("hubert-pipeline", "it1")
+    best = json.loads((project / "metrics" / "validate_it1.json").read_text())
+    assert version.tags["step"] == str(best["best_step"])
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project}/mlruns/mlflow.db"
+    try:
+        loaded = HuBERT.from_pretrained("models:/hubert-pipeline@it1")
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    local = HuBERT.from_pretrained(project / "outputs" / "pretrain" / "it1" / "best")
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), local.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_abx_per_layer_is_a_metric_and_a_png_and_feeds_iteration_two(project):
+    scores = json.loads((project / "outputs" / "abx" / "it1" / "scores.json").read_text())
+    layers = [k for k in scores if k.startswith("layer_")]
+    assert len(layers) == 4  # tiny model
+    assert 0 <= scores["mfcc"]["within"] <= 100
+    best = json.loads((project / "outputs" / "abx" / "it1" / "best_layer.json").read_text())["layer"]
+    assert scores["best_layer"] == best
+    assert min(scores[k]["within"] for k in layers) == scores[f"layer_{best}"]["within"]
+    for png in ("outputs/abx/it1/abx.png", "plots/validate_it1.png", "plots/validate_it2.png"):
+        assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_exp_run_with_another_k_reruns_only_iteration_two_and_is_tagged_in_mlflow(project):
+    out = run(["dvc", "exp", "run", "-n", "k-twelve", "-S", "kmeans.k=12"], project).stdout
+    ran = set(re.findall(r"Running stage '(\w+)'", out))
+    assert ran == set(IT2_STAGES), out[-2000:]
+    units = pl.read_ndjson(project / "outputs" / "units" / "it2" / "train.jsonl")
+    assert max(max(u) for u in units["units"]) < 12
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list",
+                              filter_string="tags.dvc_experiment = 'k-twelve'")  # fmt: skip
+    assert {r.data.tags["stage"] for r in runs} == set(IT2_STAGES)
+    shown = run(["dvc", "exp", "show", "--json"], project).stdout
+    assert "k-twelve" in shown
+
+
+@pytest.mark.slow
+def test_killed_pretraining_resumes_from_its_last_checkpoint_on_the_next_repro(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["units"]["length_tolerance"] = 3
+    params["train_it1"].update({"max_steps": 30, "save_interval": 3})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = run(["dvc", "repro", "units_it1"], project).stdout
-    assert "Running stage 'units_it1'" in out
-    for stage in ("demo_corpus", "manifest", "mfcc", "kmeans_it1"):
-        assert f"Running stage '{stage}'" not in out
+    folder = project / "outputs" / "pretrain" / "it1" / "checkpoints"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    proc = subprocess.Popen(["dvc", "repro", "pretrain_it1"], cwd=project, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (folder / "step_00000012.pt").exists():
+        assert proc.poll() is None, "dvc repro ended before it could be killed"
+        assert time.monotonic() < deadline, "no checkpoint of step 12 in 10 minutes"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of dvc and the training process
+    proc.wait()
+    killed_at = max(int(p.stem.removeprefix("step_")) for p in folder.glob("step_*.pt"))
+    assert killed_at < 30
+    result = run(["dvc", "repro", "pretrain_it1"], project)
+    assert f"resuming from outputs/pretrain/it1/checkpoints/step_{killed_at:08d}.pt" in result.stderr
+    assert (folder / "step_00000030.pt").is_file()
+    assert not list(folder.glob(".*.tmp"))  # no half-written checkpoint left behind
