@@ -119,6 +119,9 @@ def train(  # noqa: C901, PLR0912, PLR0915
     device = select_device(env.local_rank)
     is_main = env.rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        for stale in out_dir.glob(".step_*.tmp"):  # a checkpoint being written when the last run was killed
+            stale.unlink()
 
     model_cfg = HubertConfig.preset(model_size, **(model_overrides or {}))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
