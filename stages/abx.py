@@ -13,6 +13,7 @@ if __name__ == "__main__":
     args = p.parse_args()
     setup_logging()
 
+    import math
     from pathlib import Path
 
     import mlflow
@@ -32,16 +33,16 @@ if __name__ == "__main__":
         scores = abx_per_layer(model, args.items, args.audio, normalize=train_cfg.normalize,
                                device=params.execution.device)  # fmt: skip
         layer = choose_layer(scores, params.abx.rule)
-        nan_free = {name: {k: (None if v != v else v) for k, v in s.items()} for name, s in scores.items()}  # noqa: PLR0124
+        nan_free = {name: {k: None if math.isnan(v) else v for k, v in s.items()} for name, s in scores.items()}
         write_json(out / "scores.json", nan_free | {"best_layer": layer})
         write_json(out / "best_layer.json", {"layer": layer, "rule": params.abx.rule, "model": args.model})
         plot_abx(scores, out / "abx.png", f"ABX per layer, iteration {args.iteration} (best: layer {layer})")
         for name, s in scores.items():
             if name.startswith("layer_"):
                 step = int(name.removeprefix("layer_"))
-                mlflow.log_metrics({f"abx_{k}": v for k, v in s.items() if v == v}, step=step)  # noqa: PLR0124
-        mlflow.log_metrics({f"mfcc_abx_{k}": v for k, v in scores["mfcc"].items() if v == v})  # noqa: PLR0124
-        mlflow.log_metrics({"best_layer": layer} | {f"best_layer_abx_{k}": v for k, v in scores[f"layer_{layer}"].items()
-                                                    if v == v})  # fmt: skip  # noqa: PLR0124
+                mlflow.log_metrics({f"abx_{k}": v for k, v in s.items() if not math.isnan(v)}, step=step)
+        mlflow.log_metrics({f"mfcc_abx_{k}": v for k, v in scores["mfcc"].items() if not math.isnan(v)})
+        best_scores = {f"best_layer_abx_{k}": v for k, v in scores[f"layer_{layer}"].items() if not math.isnan(v)}
+        mlflow.log_metrics({"best_layer": layer} | best_scores)
         mlflow.log_artifact(str(out / "abx.png"))
         mlflow.log_artifact(str(out / "scores.json"))

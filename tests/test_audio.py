@@ -5,7 +5,15 @@ import pytest
 import torch
 from conftest import tone, write_wav
 
-from hubert_pipeline.audio import BadAudioError, build_manifest, file_id, load_audio, read_manifest, source_of, write_csv
+from hubert_pipeline.audio import (
+    BadAudioError,
+    build_manifest,
+    file_id,
+    load_audio,
+    read_manifest,
+    source_of,
+    write_csv,
+)
 
 
 @pytest.fixture

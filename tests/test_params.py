@@ -50,5 +50,5 @@ def test_ints_are_accepted_for_floats_and_lists_become_tuples(tmp_path):
 
 
 def test_missing_params_file_is_named(tmp_path):
-    with pytest.raises(ParamsError, match="nope.yaml"):
+    with pytest.raises(ParamsError, match=r"nope\.yaml"):
         load_params(tmp_path / "nope.yaml")

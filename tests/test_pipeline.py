@@ -68,7 +68,8 @@ def test_units_match_manifests_one_to_one_at_the_model_frame_rate(project):
         assert units["fileid"].to_list() == manifest["fileid"].to_list()
         for n, u in zip(units["num_samples"], units["units"], strict=True):
             assert len(u) == model_frames(n)
-            assert 0 <= min(u) and max(u) < TINY["kmeans"]["k_it1"]
+            assert min(u) >= 0
+            assert max(u) < TINY["kmeans"]["k_it1"]
 
 
 @pytest.mark.slow

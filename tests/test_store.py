@@ -52,7 +52,7 @@ def test_chunks_cover_the_requested_files_in_order_with_bounded_size(tmp_path):
 def test_store_without_meta_is_refused_as_incomplete(tmp_path):
     make_store(tmp_path / "s", [5, 7])
     (tmp_path / "s" / "meta.json").unlink()
-    with pytest.raises(IncompleteStoreError, match="no meta.json"):
+    with pytest.raises(IncompleteStoreError, match=r"no meta\.json"):
         FeatureStore(tmp_path / "s")
 
 

@@ -67,7 +67,7 @@ def test_stage_runs_reach_a_tracking_server_on_loopback(tmp_path, monkeypatch):
         deadline = time.monotonic() + 90
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)  # noqa: S310
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:

@@ -124,7 +124,9 @@ def test_validation_scores_are_identical_on_every_run_and_the_rule_picks(manifes
     run_train(manifest, tmp_path)
     checkpoints = list_checkpoints(tmp_path)
     first = validate_checkpoints(manifest, checkpoints, cfg=ValidateParams(max_batch_samples=200_000), train_cfg=CFG)
-    again = validate_checkpoints(manifest, checkpoints[::-1], cfg=ValidateParams(max_batch_samples=200_000), train_cfg=CFG)
+    again = validate_checkpoints(
+        manifest, checkpoints[::-1], cfg=ValidateParams(max_batch_samples=200_000), train_cfg=CFG
+    )
     assert {s.step: s.loss for s in first} == {s.step: s.loss for s in again}
     assert len({s.frames for s in first}) == 1
     assert choose(first, "last").step == 6

@@ -57,5 +57,5 @@ def test_unit_quality_reads_alignment_files_and_skips_unaligned_units(tmp_path):
 def test_no_overlap_between_units_and_alignments_is_an_error(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"fileid": "u", "phones": [[0.0, 0.04, "a"]]}) + "\n")
-    with pytest.raises(ValueError, match="data.alignments"):
+    with pytest.raises(ValueError, match=r"data\.alignments"):
         unit_quality({"v": np.array([0])}, path)

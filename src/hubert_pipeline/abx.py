@@ -132,7 +132,7 @@ def extract_features(
     eval mode and left on `device` in the mode it came in.
     """
     import torch
-    import torch.nn.functional as F  # noqa: N812
+    import torch.nn.functional as F
     from tqdm import tqdm
 
     from hubert_pipeline.audio import AudioSource, load_audio

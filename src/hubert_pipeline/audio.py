@@ -25,7 +25,7 @@ ARCHIVE_COLUMNS = ("archive", "byte_offset", "byte_size")
 
 
 def file_id(path: str | Path) -> str:
-    """THE file id of an audio file: its name without extension (LibriSpeech `19-198-0001`, the demo's `kal-s100_train_00003`).
+    """THE file id of an audio file: its name without extension (`19-198-0001`, the demo's `kal-s100_train_00003`).
 
     Every stage keys features, units and alignments by this function, never by the path.
     """
@@ -74,13 +74,11 @@ def probe(source: AudioSource) -> int:
         if channels != 1:
             raise BadAudioError(f"{source}: {channels} channels, expected mono")
         duration = metadata.duration_seconds_from_header
-        if duration is None:  # no length in the header: decode it
-            samples = decoder.get_all_samples().data.shape[-1]
-        else:
-            samples = round(duration * sample_rate)
+        # no length in the header: decode it
+        samples = decoder.get_all_samples().data.shape[-1] if duration is None else round(duration * sample_rate)
     except BadAudioError:
         raise
-    except Exception as e:  # noqa: BLE001  torchcodec raises RuntimeError/ValueError/... on corrupt data
+    except Exception as e:
         raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
     if samples <= 0:
         raise BadAudioError(f"{source}: empty (0 samples)")
@@ -92,7 +90,8 @@ def load_audio(source: AudioSource) -> "torch.Tensor":  # type: ignore[name-defi
     samples = _decoder(source).get_all_samples()
     if samples.sample_rate != SAMPLE_RATE or samples.data.shape[0] != 1:
         raise BadAudioError(
-            f"{source}: expected mono {SAMPLE_RATE} Hz, got {samples.data.shape[0]} channel(s) at {samples.sample_rate} Hz"
+            f"{source}: expected mono {SAMPLE_RATE} Hz, "
+            f"got {samples.data.shape[0]} channel(s) at {samples.sample_rate} Hz"
         )
     return samples.data[0]
 
@@ -112,7 +111,9 @@ def discover(root: str | Path, extension: str) -> Iterator[tuple[str, AudioSourc
             yield file_id(path), AudioSource(str(path))
     elif root.is_file() and tarfile.is_tarfile(root):
         with tarfile.open(root, mode="r:") as tar:  # "r:" refuses compressed archives
-            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(extension)), key=lambda m: m.name)
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and m.name.endswith(extension)), key=lambda m: m.name
+            )
         for m in members:
             yield file_id(m.name), AudioSource(m.name, str(root.resolve()), m.offset_data, m.size)
     elif root.is_file():
@@ -157,14 +158,17 @@ def build_manifest(
         listing = "\n  ".join(reason for _, _, reason in bad[:20])
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""  # noqa: PLR2004
         raise BadAudioError(
-            f"{len(bad)} bad audio file(s) under {root} (set manifest.on_bad_file: skip to leave them out):\n  {listing}{more}"
+            f"{len(bad)} bad audio file(s) under {root} "
+            f"(set manifest.on_bad_file: skip to leave them out):\n  {listing}{more}"
         )
     ids = [fid for fid, _, _ in good]
     if len(set(ids)) != len(ids):
         seen: dict[str, str] = {}
         for fid, src, _ in good:
             if fid in seen:
-                raise ValueError(f"{root}: file id {fid!r} is given by both {seen[fid]} and {src}; file ids must be unique")
+                raise ValueError(
+                    f"{root}: file id {fid!r} is given by both {seen[fid]} and {src}; file ids must be unique"
+                )
             seen[fid] = str(src)
     has_archive = any(src.archive for _, src, _ in good)
     rows = [
@@ -172,7 +176,11 @@ def build_manifest(
             "fileid": fid,
             "path": src.path,
             "num_samples": n,
-            **({"archive": src.archive, "byte_offset": src.byte_offset, "byte_size": src.byte_size} if has_archive else {}),
+            **(
+                {"archive": src.archive, "byte_offset": src.byte_offset, "byte_size": src.byte_size}
+                if has_archive
+                else {}
+            ),
         }
         for fid, src, n in good
     ]

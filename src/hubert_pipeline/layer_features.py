@@ -68,7 +68,10 @@ def extract_layer_shard(
     rows = df.filter(pl.col("shard") == shard).to_dicts()
     model, dev = load_teacher(teacher, layer, device)
     items = (
-        (row["fileid"], layer_output(model, load_audio(source_of(row)).to(dev), layer, normalize=normalize).cpu().numpy())
+        (
+            row["fileid"],
+            layer_output(model, load_audio(source_of(row)).to(dev), layer, normalize=normalize).cpu().numpy(),
+        )
         for row in rows
     )
     return write_shard(root, shard, items, dtype=dtype, dim=model.config.encoder_embed_dim)

@@ -30,7 +30,7 @@ from spidr.models.components import (
     TransformerLayer,
 )
 from torch import Tensor, nn
-from torch.nn import functional as F  # noqa: N812  (torch convention)
+from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
 type Size = Literal["tiny", "base", "large", "xlarge"]

@@ -86,7 +86,9 @@ class UnitsParams:
 @dataclass(frozen=True)
 class ModelParams:
     size: Literal["tiny", "base", "large", "xlarge"] = "tiny"
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # HubertConfig fields, e.g. {encoder_layer_drop: 0}
+    overrides: dict[str, Any] = dataclasses.field(
+        default_factory=dict
+    )  # HubertConfig fields, e.g. {encoder_layer_drop: 0}
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class Params:
     iteration2: Iteration2Params = Iteration2Params()
 
 
-def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: PLR0911
+def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: C901, PLR0911, PLR0912  one branch per type
     origin = get_origin(annotation)
     if origin is dict:
         if not isinstance(value, dict):

@@ -103,8 +103,12 @@ def finalize_store(root: str | Path, *, num_shards: int, dim: int, dtype: str, f
         raise IncompleteStoreError(f"{root}: shards {missing[:10]} are missing or incomplete")
     rows: list[tuple[str, int, int, int]] = []
     for s in range(num_shards):
-        rows.extend((fileid, s, offset, length) for fileid, offset, length in json.loads(shard_index_path(root, s).read_text()))
-    index = pl.DataFrame(rows, schema={"fileid": pl.String, "shard": pl.Int32, "offset": pl.Int64, "length": pl.Int64}, orient="row")
+        rows.extend(
+            (fileid, s, offset, length) for fileid, offset, length in json.loads(shard_index_path(root, s).read_text())
+        )
+    index = pl.DataFrame(
+        rows, schema={"fileid": pl.String, "shard": pl.Int32, "offset": pl.Int64, "length": pl.Int64}, orient="row"
+    )
     if (dup := index.filter(pl.col("fileid").is_duplicated())).height:
         raise ValueError(f"{root}: file id {dup['fileid'][0]!r} appears in several shards")
     with atomic_path(root / "index.parquet") as tmp:

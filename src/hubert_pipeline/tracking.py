@@ -35,7 +35,10 @@ def _main_repo_root(root: Path) -> Path:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--path-format=absolute", "--git-common-dir"],
-            capture_output=True, text=True, check=True, cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=root,
         )
         common = Path(out.stdout.strip())
         return common.parent if common.name == ".git" else root
@@ -82,7 +85,7 @@ def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
         kwargs["artifact_location"] = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
     try:
         return mlflow.create_experiment(name, **kwargs)
-    except Exception:  # noqa: BLE001  created concurrently by another stage
+    except Exception:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             raise

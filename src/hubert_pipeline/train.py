@@ -265,7 +265,8 @@ def train(  # noqa: C901, PLR0912, PLR0915
                     dist.all_reduce(stats)
                 if not (math.isfinite(float(stats[0])) and math.isfinite(float(grad_norm))):
                     raise NonFiniteLossError(
-                        f"non-finite loss ({float(stats[0]):.4g}) or gradient norm ({float(grad_norm):.4g}) at step {step + 1}"
+                        f"non-finite loss ({float(stats[0]):.4g}) or gradient norm ({float(grad_norm):.4g}) "
+                        f"at step {step + 1}"
                     )
                 lr = scheduler.get_last_lr()[0]
                 scaler.step(optimizer)

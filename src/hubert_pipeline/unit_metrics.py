@@ -69,7 +69,9 @@ def quality_from_counts(counts: np.ndarray) -> dict[str, float]:
     }
 
 
-def unit_quality(units: dict[str, np.ndarray], alignments_path: str | Path, *, unit_rate: float = 50.0) -> dict[str, float]:
+def unit_quality(
+    units: dict[str, np.ndarray], alignments_path: str | Path, *, unit_rate: float = 50.0
+) -> dict[str, float]:
     counts, phones, used = joint_counts(units, read_alignments(alignments_path), unit_rate=unit_rate)
     return {
         **quality_from_counts(counts),

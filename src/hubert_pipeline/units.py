@@ -65,7 +65,9 @@ def transcribe_shard(store: str, centroids: str, parts: str, shard: int) -> int:
     rows = features.index.filter(pl.col("shard") == shard)
     data = features.shard(shard)
     units = predict(torch.from_numpy(np.array(data, dtype=np.float32)), c).numpy() if len(data) else np.zeros(0, int)
-    result = {fid: units[off : off + n].tolist() for fid, off, n in rows.select("fileid", "offset", "length").iter_rows()}
+    result = {
+        fid: units[off : off + n].tolist() for fid, off, n in rows.select("fileid", "offset", "length").iter_rows()
+    }
     write_json(out, result)
     return len(result)
 
@@ -115,7 +117,9 @@ def merge_units(
         merged.append(fitted)
     if errors:
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""  # noqa: PLR2004
-        raise LengthMismatchError(f"{len(errors)} file(s) with units/audio length mismatch:\n  " + "\n  ".join(errors[:20]) + more)
+        raise LengthMismatchError(
+            f"{len(errors)} file(s) with units/audio length mismatch:\n  " + "\n  ".join(errors[:20]) + more
+        )
     with atomic_open(output) as f:
         for row, u in zip(manifest.iter_rows(named=True), merged, strict=True):
             f.write(json.dumps({**row, "units": u}, separators=(",", ":")) + "\n")

@@ -50,7 +50,7 @@ def validate_checkpoints(
         rows,
         masking=MaskingConfig(mask_prob=train_cfg.mask_prob, mask_length=train_cfg.mask_length),
         max_batch_samples=cfg.max_batch_samples,
-        min_sample_size=min(train_cfg.min_sample_size, min(int(r["num_samples"]) for r in rows)),
+        min_sample_size=min(train_cfg.min_sample_size, *(int(r["num_samples"]) for r in rows)),
         max_sample_size=train_cfg.max_sample_size,
         num_buckets=train_cfg.num_buckets,
         seed=cfg.seed,
