@@ -154,3 +154,17 @@ def test_ddp_with_two_cpu_processes_matches_one_process_at_the_same_global_batch
     b = torch.load(tmp_path / "ddp" / "step_00000004.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_of_another_configuration_are_not_resumed(manifest, tmp_path):
+    run_train(manifest, tmp_path, TrainParams(**{**CFG.__dict__, "max_steps": 2}))
+    other = TrainParams(**{**CFG.__dict__, "max_steps": 4, "lr": 5e-4})  # another experiment in the same folder
+    losses = run_train(manifest, tmp_path, other)
+    assert sorted(losses) == [1, 2, 3, 4]  # trained from step 0, not resumed from step 2
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
+
+
+def test_raising_max_steps_resumes_the_same_run(manifest, tmp_path):
+    run_train(manifest, tmp_path, TrainParams(**{**CFG.__dict__, "max_steps": 2}))
+    losses = run_train(manifest, tmp_path, TrainParams(**{**CFG.__dict__, "max_steps": 4}))
+    assert sorted(losses) == [3, 4]

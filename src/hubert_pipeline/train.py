@@ -85,6 +85,25 @@ def select_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def fingerprint(manifest: str | Path, num_classes: int, model_cfg: Any, cfg: TrainParams) -> str:
+    """What makes a checkpoint resumable: same units, classes, model and trajectory settings.
+
+    Left out: max_steps (a run can be extended), intervals, workers, and init_from (used only at step 0).
+    """
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    with Path(manifest).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    ignored = {"max_steps", "save_interval", "log_interval", "num_workers", "init_from", "compile", "processes",
+               "accumulate"}  # fmt: skip  # processes x accumulate: checked on resume with a clear error
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
+    key = json.dumps([digest.hexdigest(), num_classes, model_cfg.to_dict(), settings], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     from hubert_pipeline.io import atomic_path
 
@@ -126,12 +145,6 @@ def train(  # noqa: C901, PLR0912, PLR0915
     model_cfg = HubertConfig.preset(model_size, **(model_overrides or {}))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
     model = HuBERTPretrain(model_cfg, num_classes)
-    if cfg.init_from and not list_checkpoints(out_dir):
-        from hubert_pipeline.model import HuBERT
-
-        encoder = HuBERT.from_pretrained(cfg.init_from)
-        missing, _ = model.load_state_dict(encoder.state_dict(), strict=False)
-        logger.info("initialised from %s (%d head parameters left random)", cfg.init_from, len(missing))
     model.to(device).train()
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -147,7 +160,24 @@ def train(  # noqa: C901, PLR0912, PLR0915
     scaler = torch.GradScaler(device.type, enabled=use_autocast and dtype == torch.float16)
 
     step, epoch, steps_in_epoch = 0, 0, 0
-    if checkpoints := list_checkpoints(out_dir):
+    run_fingerprint = fingerprint(manifest, num_classes, model_cfg, cfg)
+    checkpoints = list_checkpoints(out_dir)
+    if checkpoints:
+        saved = torch.load(checkpoints[-1][1], map_location="cpu", weights_only=True, mmap=True).get("fingerprint")
+        if saved != run_fingerprint:
+            # Another experiment's checkpoints (other units, k, model or settings), kept by DVC's `persist`:
+            # they are in DVC's cache already, so they are removed rather than resumed from.
+            logger.warning(
+                "%s holds checkpoints of another configuration (fingerprint %s, this run %s): starting afresh",
+                out_dir, saved, run_fingerprint,
+            )  # fmt: skip
+            if is_main:
+                for _, path in checkpoints:
+                    path.unlink()
+            if env.world_size > 1:
+                dist.barrier()
+            checkpoints = []
+    if checkpoints:
         last_step, last = checkpoints[-1]
         state = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
@@ -162,6 +192,12 @@ def train(  # noqa: C901, PLR0912, PLR0915
             )
         logger.info("resuming from %s (step %d, epoch %d)", last, last_step, epoch)
         del state
+    elif cfg.init_from:
+        from hubert_pipeline.model import HuBERT
+
+        encoder = HuBERT.from_pretrained(cfg.init_from)
+        missing, _ = model.load_state_dict(encoder.state_dict(), strict=False)
+        logger.info("initialised from %s (%d head parameters left random)", cfg.init_from, len(missing))
     if step >= cfg.max_steps:
         logger.info("already trained to step %d", step)
         return checkpoints[-1][1]
@@ -213,6 +249,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
                 "accumulate": cfg.accumulate,
                 "num_classes": num_classes,
                 "model_config": model_cfg.to_dict(),
+                "fingerprint": run_fingerprint,
             }
             _atomic_save(state, path)
             logger.info("saved %s", path)
