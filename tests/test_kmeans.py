@@ -234,6 +234,17 @@ def test_cli_fits_a_store_and_writes_safetensors(overlapping, tmp_path, monkeypa
     assert "k=4" in capsys.readouterr().out
 
 
+def test_cli_reports_bad_input_in_one_line(overlapping, tmp_path, monkeypatch, capsys):
+    store, _ = overlapping
+    output = tmp_path / "kmeans.safetensors"
+    monkeypatch.setattr(sys, "argv", ["kmeans", str(store.root), str(output), "--k", "100000", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exited:
+        kmeans.main()
+    assert exited.value.code == 2
+    assert "k=100000 clusters but only 400 frames to fit them on (2 of the 20 files" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_cli_help_shows_defaults_without_importing_torch():
     script = (
         "import runpy, sys\n"

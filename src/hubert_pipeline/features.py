@@ -338,6 +338,7 @@ if __name__ == "__main__":
 
     defaults = MfccParams()
     parser = argparse.ArgumentParser(
+        prog="python -m hubert_pipeline.features",
         description=__doc__.split("\n\n")[0],
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

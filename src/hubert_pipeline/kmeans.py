@@ -228,19 +228,19 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch
     num, trials = len(x), 2 + int(math.log(k))
     norms = (x * x).sum(1)  # (num,)
 
-    def sqdist(rows: torch.Tensor) -> torch.Tensor:  # (num, len(rows)) squared distances to the frames `rows`
-        return torch.addmm(norms[rows], x, x[rows].T, alpha=-2).add_(norms.unsqueeze(1)).clamp_(min=0)
+    def sqdist(rows: torch.Tensor) -> torch.Tensor:  # (len(rows), num) squared distances of the frames `rows`
+        return torch.addmm(norms, x[rows], x.T, alpha=-2).add_(norms[rows].unsqueeze(1)).clamp_(min=0)
 
     first = torch.tensor([int(rng.integers(num))], device=x.device)
     chosen = [first]
-    closest = sqdist(first).squeeze(1)  # (num,) squared distance to the nearest chosen centre
+    closest = sqdist(first).squeeze(0)  # (num,) squared distance to the nearest chosen centre
     uniforms = torch.from_numpy(rng.random((k - 1, trials))).to(x.device)  # drawn at once: no device sync per centre
     for c in range(k - 1):
         cumulative = closest.double().cumsum(0)
         candidates = torch.searchsorted(cumulative, uniforms[c] * cumulative[-1], right=True).clamp_(max=num - 1)
-        potentials = torch.minimum(closest.unsqueeze(1), sqdist(candidates))  # (num, trials)
-        best = potentials.sum(0, dtype=torch.float64).argmin()
-        closest = potentials[:, best]
+        potentials = torch.minimum(closest, sqdist(candidates))  # (trials, num)
+        best = potentials.sum(1).argmin()
+        closest = potentials[best]
         chosen.append(candidates[best].unsqueeze(0))
     return x[torch.cat(chosen)]
 
@@ -423,19 +423,22 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from hubert_pipeline.store import FeatureStore
+    from hubert_pipeline.store import FeatureStore, IncompleteStoreError
 
-    result = fit_kmeans(
-        FeatureStore(args.store),
-        k=args.k,
-        fit_fraction=args.fit_fraction,
-        seed=args.seed,
-        max_iter=args.max_iter,
-        tol=args.tol,
-        n_init=args.n_init,
-        chunk_frames=args.chunk_frames,
-        device=args.device,
-    )
+    try:
+        result = fit_kmeans(
+            FeatureStore(args.store),
+            k=args.k,
+            fit_fraction=args.fit_fraction,
+            seed=args.seed,
+            max_iter=args.max_iter,
+            tol=args.tol,
+            n_init=args.n_init,
+            chunk_frames=args.chunk_frames,
+            device=args.device,
+        )
+    except (ValueError, IncompleteStoreError) as e:  # bad input: the message says what to change, no traceback
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     save_centroids(
         args.output, result, {"store": str(args.store), "fit_fraction": str(args.fit_fraction), "seed": str(args.seed)}
     )

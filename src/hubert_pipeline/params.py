@@ -73,7 +73,7 @@ class KmeansParams:
     fit_fraction: float = 0.1
     seed: int = 0
     max_iter: int = 100
-    tol: float = 1e-4
+    tol: float = 3e-4
     n_init: int = 3
     chunk_frames: int = 262_144
 
