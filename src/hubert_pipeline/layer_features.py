@@ -25,19 +25,15 @@ logger = logging.getLogger(__name__)
 FRAME_RATE = 50.0
 
 
-def _device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("execution.device is 'cuda' but CUDA is not available")
-    return torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
 def load_teacher(source: str, layer: int, device: str) -> "tuple[torch.nn.Module, torch.device]":
     from hubert_pipeline.model import HuBERT
 
     model = HuBERT.from_pretrained(source)
     if not 1 <= layer <= model.config.encoder_num_layers:
         raise ValueError(f"{source}: layer {layer} is out of range 1..{model.config.encoder_num_layers}")
-    dev = _device(device)
+    from hubert_pipeline.kmeans import resolve_device
+
+    dev = resolve_device(device)
     return model.to(dev).eval(), dev
 
 
