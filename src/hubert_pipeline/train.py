@@ -219,6 +219,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
         world_size=env.world_size,
         accumulate=cfg.accumulate,
     )
+    sampler.set_epoch(epoch)  # bucketing gives each epoch its own number of batches
     steps_per_epoch = sampler.batches_per_epoch // cfg.accumulate
     if steps_per_epoch == 0:
         raise ValueError(f"{manifest}: too little data for one step of {env.world_size} x {cfg.accumulate} batches")
@@ -268,6 +269,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
             if steps_in_epoch >= steps_per_epoch:
                 epoch, steps_in_epoch = epoch + 1, 0
             sampler.set_epoch(epoch, skip=steps_in_epoch * cfg.accumulate)
+            steps_per_epoch = sampler.batches_per_epoch // cfg.accumulate
             collator.epoch = epoch
             batches = iter(loader)
             while steps_in_epoch < steps_per_epoch and step < cfg.max_steps:
