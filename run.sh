@@ -19,7 +19,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # System packages: FFmpeg's libraries for torchcodec, festival and its voices for the demo corpus,
 # SLURM and munge for the slurm-marked tests.
-APT_PACKAGES=(ffmpeg festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts)
+APT_PACKAGES=(ffmpeg festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts slurm-wlm munge)
 
 install_system_packages() {
   local missing=()

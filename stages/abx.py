@@ -20,7 +20,7 @@ if __name__ == "__main__":
 
     from hubert_pipeline.abx import abx_per_layer, choose_layer, plot_abx
     from hubert_pipeline.io import write_json
-    from hubert_pipeline.model import HuBERT
+    from hubert_pipeline.launch import run_job
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import stage_run
 
@@ -29,9 +29,12 @@ if __name__ == "__main__":
     out = Path(args.output)
     with stage_run(f"abx_it{args.iteration}", mlflow_params=params.mlflow, params={"abx": params.abx},
                    iteration=args.iteration):  # fmt: skip
-        model = HuBERT.from_pretrained(args.model)
-        scores = abx_per_layer(model, args.items, args.audio, normalize=train_cfg.normalize,
-                               device=params.execution.device)  # fmt: skip
+        scores = run_job(
+            abx_per_layer,
+            {"model": args.model, "items": args.items, "audio_root": args.audio, "normalize": train_cfg.normalize,
+             "device": params.execution.device},
+            execution=params.execution, desc=f"abx_it{args.iteration}", gpu=True,
+        )  # fmt: skip
         layer = choose_layer(scores, params.abx.rule)
         nan_free = {name: {k: None if math.isnan(v) else v for k, v in s.items()} for name, s in scores.items()}
         write_json(out / "scores.json", nan_free | {"best_layer": layer})

@@ -17,6 +17,7 @@ if __name__ == "__main__":
 
     from hubert_pipeline.io import write_json
     from hubert_pipeline.kmeans import fit_kmeans, save_centroids
+    from hubert_pipeline.launch import run_job
     from hubert_pipeline.params import load_params
     from hubert_pipeline.store import FeatureStore
     from hubert_pipeline.tracking import stage_run
@@ -24,23 +25,24 @@ if __name__ == "__main__":
     params = load_params(args.params)
     cfg = params.kmeans
     k = cfg.k_it1 if args.iteration == 1 else cfg.k
-    store = FeatureStore(args.store)
+    FeatureStore(args.store)  # a missing or incomplete store fails here, before any job starts
     out = Path(args.output)
     with stage_run(
         f"kmeans_it{args.iteration}", mlflow_params=params.mlflow, params={"kmeans": cfg}, iteration=args.iteration
     ):
         start = time.perf_counter()
-        result = fit_kmeans(
-            store,
-            k=k,
-            fit_fraction=cfg.fit_fraction if args.iteration == 1 else 1.0,  # the it2 store holds the subset only
-            seed=cfg.seed,
-            max_iter=cfg.max_iter,
-            tol=cfg.tol,
-            n_init=cfg.n_init,
-            chunk_frames=cfg.chunk_frames,
-            device=params.execution.device,
-        )
+        fit = {
+            "store": args.store,
+            "k": k,
+            "fit_fraction": cfg.fit_fraction if args.iteration == 1 else 1.0,  # the it2 store holds the subset only
+            "seed": cfg.seed,
+            "max_iter": cfg.max_iter,
+            "tol": cfg.tol,
+            "n_init": cfg.n_init,
+            "chunk_frames": cfg.chunk_frames,
+            "device": params.execution.device,
+        }
+        result = run_job(fit_kmeans, fit, execution=params.execution, desc=f"kmeans_it{args.iteration}", gpu=True)
         metrics = {
             "k": k,
             "inertia": result.inertia,

@@ -24,6 +24,7 @@ if __name__ == "__main__":
 
     from hubert_pipeline.compat import save_native
     from hubert_pipeline.io import atomic_path, write_json
+    from hubert_pipeline.launch import run_job
     from hubert_pipeline.model import HuBERT, HubertConfig
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import register_model, stage_run
@@ -40,7 +41,11 @@ if __name__ == "__main__":
         f"validate_it{args.iteration}", mlflow_params=params.mlflow, params={"validate": params.validate},
         iteration=args.iteration,
     ) as run:  # fmt: skip
-        scores = validate_checkpoints(args.valid, checkpoints, cfg=params.validate, train_cfg=train_cfg)
+        scores = run_job(
+            validate_checkpoints,
+            {"manifest": args.valid, "checkpoints": checkpoints, "cfg": params.validate, "train_cfg": train_cfg},
+            execution=params.execution, desc=f"validate_it{args.iteration}", gpu=True,
+        )  # fmt: skip
         best = choose(scores, params.validate.rule)
         for s in scores:
             mlflow.log_metrics({"valid_loss": s.loss, "valid_accuracy": s.accuracy}, step=s.step)

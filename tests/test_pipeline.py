@@ -18,9 +18,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 STAGES = [
     "demo_corpus", "manifest", "mfcc", "kmeans_it1", "units_it1", "pretrain_it1", "validate_it1", "abx_it1",
-    "features_it2", "kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2",
+    "features_it2", "kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2", "unit_quality",
 ]  # fmt: skip
-IT2_STAGES = ["kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2"]
+IT2_STAGES = ["kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2", "unit_quality"]
 TINY = {
     "demo": {"train_minutes": 1.5, "valid_minutes": 0.3, "abx_minutes": 0.3},
     "mfcc": {"num_shards": 3},
@@ -135,6 +135,29 @@ def test_abx_per_layer_is_a_metric_and_a_png_and_feeds_iteration_two(project):
     assert min(scores[k]["within"] for k in layers) == scores[f"layer_{best}"]["within"]
     for png in ("outputs/abx/it1/abx.png", "plots/validate_it1.png", "plots/validate_it2.png"):
         assert (project / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project):
+    table = json.loads((project / "metrics" / "unit_quality.json").read_text())
+    assert list(table) == ["mfcc", "it1_best_layer", "it2_best_layer"]
+    best = {it: json.loads((project / "outputs" / "abx" / it / "best_layer.json").read_text())["layer"]
+            for it in ("it1", "it2")}  # fmt: skip
+    assert table["it1_best_layer"]["source"] == f"it1 layer {best['it1']}"
+    assert table["mfcc"]["k"] == TINY["kmeans"]["k_it1"]
+    assert table["it2_best_layer"]["k"] == TINY["kmeans"]["k"]
+    units_it2 = json.loads((project / "metrics" / "units_it2.json").read_text())["valid"]
+    assert table["it1_best_layer"]["pnmi"] == units_it2["pnmi"]
+    for row in table.values():
+        assert 0 < row["pnmi"] < 1
+        assert 0 < row["cluster_purity"] <= 1
+        assert 0 <= row["abx_within"] <= 100
+    mfcc_abx = json.loads((project / "outputs" / "abx" / "it1" / "scores.json").read_text())["mfcc"]["within"]
+    assert table["mfcc"]["abx_within"] == mfcc_abx
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
+    (run_,) = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list",
+                                 filter_string="tags.stage = 'unit_quality'")  # fmt: skip
+    assert run_.data.metrics["it2_best_layer_pnmi"] == table["it2_best_layer"]["pnmi"]
 
 
 @pytest.mark.slow

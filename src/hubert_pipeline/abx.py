@@ -230,7 +230,7 @@ def score_features(
 
 
 def abx_per_layer(
-    model: "HuBERT | None",
+    model: "HuBERT | str | None",
     items: str | Path,
     audio_root: str | Path,
     *,
@@ -242,6 +242,7 @@ def abx_per_layer(
 
     Keys "mfcc", then "layer_1" ... "layer_N" (N = `max_layers` or all; none when `model` is None); values
     {"within": %, "across": %}. With fewer than 2 speakers in the items, "across" is NaN (a warning says so).
+    `model` may be a path or models:/ URI (loaded after the items are checked).
     """
     from tqdm import tqdm
 
@@ -254,6 +255,10 @@ def abx_per_layer(
         logger.warning("%s has %d speaker: across-speaker ABX is not defined, reported as NaN", items, speakers)
     logger.info("ABX: %d items, %d files, %d speakers in %s", len(labels), len(paths), speakers, items)
     device = resolve_device(device)
+    if isinstance(model, str):
+        from hubert_pipeline.model import HuBERT
+
+        model = HuBERT.from_pretrained(model)
     features = extract_features(model, paths, normalize=normalize, device=device, max_layers=max_layers)
     scores: Scores = {}
     for name in tqdm(list(features), desc="ABX scoring", unit="layer"):

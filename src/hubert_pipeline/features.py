@@ -350,12 +350,27 @@ if __name__ == "__main__":
     parser.add_argument("--batch-seconds", type=float, default=defaults.batch_seconds, help="audio per batch")
     parser.add_argument("--workers", type=int, default=2, help="local worker processes")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to compute")
+    parser.add_argument(
+        "--shard",
+        type=int,
+        help="compute this shard only (a SLURM array task: slurm/mfcc.sbatch); without it, missing shards are "
+        "computed and the store is sealed (index, meta.json)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from hubert_pipeline.features import (
         extract_mfcc as extract,
     )  # workers unpickle the library function, not __main__'s
+    from hubert_pipeline.features import extract_mfcc_shard, resolve_device
 
+    if args.shard is not None:
+        if not 0 <= args.shard < args.num_shards:
+            parser.error(f"--shard {args.shard} is not in [0, --num-shards {args.num_shards})")
+        extract_mfcc_shard(
+            manifest=args.manifest, root=args.store, shard=args.shard, num_shards=args.num_shards, dtype=args.dtype,
+            batch_seconds=args.batch_seconds, device=resolve_device(args.device),
+        )  # fmt: skip
+        raise SystemExit(0)
     extract(
         args.manifest,
         args.store,

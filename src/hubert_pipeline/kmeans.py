@@ -246,7 +246,7 @@ def _kmeans_plusplus(x: torch.Tensor, k: int, rng: np.random.Generator) -> torch
 
 
 def fit_kmeans(
-    store: FeatureStore,
+    store: FeatureStore | str | Path,
     *,
     k: int,
     fit_fraction: float,
@@ -263,6 +263,10 @@ def fit_kmeans(
     _check_arguments(
         k=k, fit_fraction=fit_fraction, max_iter=max_iter, tol=tol, n_init=n_init, chunk_frames=chunk_frames
     )
+    if isinstance(store, str | Path):
+        from hubert_pipeline.store import FeatureStore as Store
+
+        store = Store(store)
     target = resolve_device(device)
     if len(store) == 0 or store.meta.num_frames == 0:
         raise ValueError(

@@ -96,7 +96,7 @@ def extract_layer_features(
          "device": execution.device}
         for s in range(num_shards)
     ]  # fmt: skip
-    map_tasks(extract_layer_shard, tasks, execution=execution, desc=f"layer {layer} features")
+    map_tasks(extract_layer_shard, tasks, execution=execution, desc=f"layer {layer} features", gpu=True)
     from hubert_pipeline.model import HuBERT
 
     dim = HuBERT.from_pretrained(teacher).config.encoder_embed_dim

@@ -27,10 +27,36 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class SlurmParams:
+    """Cluster settings for `execution.executor: slurm` (ready profiles: slurm/profiles/*.yaml)."""
+
+    profile: str = ""  # a YAML file of these keys; its values replace the ones below
+    conf: str = ""  # SLURM_CONF for the client commands (sbatch, squeue); empty: the system's
+    account: str = ""
+    partition: str = ""
+    qos: str = ""
+    constraint: str = ""
+    time_minutes: int = 240  # per job; training checkpoints, requeues and resumes past it
+    nodes: int = 1  # training job
+    gpus_per_node: int = 0  # training: one task per GPU (NCCL); 0: CPU nodes, tasks_per_node tasks (gloo)
+    tasks_per_node: int = 1  # training tasks per node when gpus_per_node is 0
+    cpus_per_task: int = 4
+    mem_gb: float = 16.0  # per node
+    array_parallelism: int = 64  # array tasks (shards) running at once
+    max_requeues: int = 5  # preemptions / time-outs a job may be requeued after
+    signal_delay_s: int = 120  # SIGUSR2 this long before the time limit: checkpoint, requeue
+    log_folder: str = "logs/slurm"  # submitit's job files and logs, one folder per stage
+    setup: tuple[str, ...] = ()  # shell lines run before each job (module load, ...)
+    additional: dict[str, Any] = dataclasses.field(default_factory=dict)  # other sbatch options
+    poll_seconds: float = 5.0  # how often the stage checks its jobs
+
+
+@dataclass(frozen=True)
 class ExecutionParams:
     executor: Literal["local", "slurm"] = "local"
     workers: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    slurm: SlurmParams = SlurmParams()
 
 
 @dataclass(frozen=True)
@@ -215,13 +241,37 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     with path.open(encoding="utf-8") as f:
         raw = yaml.safe_load(f)
     params = build(Params, raw, str(path))
+    if profile := params.execution.slurm.profile:
+        params = _apply_profile(raw, Path(profile), str(path))
     validate(params, str(path))
     return params
+
+
+def _apply_profile(raw: dict[str, Any], profile: Path, where: str) -> Params:
+    """The values of a SLURM profile (slurm/profiles/*.yaml) replace those of `execution.slurm`."""
+    if not profile.is_file():
+        raise ParamsError(f"{where}: execution.slurm.profile: no such file {profile}")
+    with profile.open(encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ParamsError(f"{profile}: expected a mapping of execution.slurm keys")
+    if "profile" in values:
+        raise ParamsError(f"{profile}: a profile cannot name another profile")
+    build(SlurmParams, values, str(profile))  # errors name the profile's keys
+    execution = dict(raw.get("execution") or {})
+    execution["slurm"] = dict(execution.get("slurm") or {}) | values
+    return build(Params, raw | {"execution": execution}, where)
 
 
 def validate(params: Params, where: str) -> None:
     checks: list[tuple[bool, str]] = [
         (params.execution.workers >= 1, "execution.workers must be >= 1"),
+        (params.execution.slurm.nodes >= 1, "execution.slurm.nodes must be >= 1"),
+        (params.execution.slurm.gpus_per_node >= 0, "execution.slurm.gpus_per_node must be >= 0"),
+        (params.execution.slurm.tasks_per_node >= 1, "execution.slurm.tasks_per_node must be >= 1"),
+        (params.execution.slurm.cpus_per_task >= 1, "execution.slurm.cpus_per_task must be >= 1"),
+        (params.execution.slurm.time_minutes >= 1, "execution.slurm.time_minutes must be >= 1"),
+        (params.execution.slurm.array_parallelism >= 1, "execution.slurm.array_parallelism must be >= 1"),
         (params.mfcc.num_shards >= 1, "mfcc.num_shards must be >= 1"),
         (params.mfcc.batch_seconds > 0, "mfcc.batch_seconds must be > 0"),
         (params.kmeans.k >= 1, "kmeans.k must be >= 1"),

@@ -120,8 +120,13 @@ def train(  # noqa: C901, PLR0912, PLR0915
     model_overrides: dict[str, Any] | None = None,
     num_classes: int,
     log_fn: LogFn | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> Path:
-    """Train until cfg.max_steps (resuming from the last checkpoint in out_dir); return the last checkpoint."""
+    """Train until cfg.max_steps (resuming from the last checkpoint in out_dir); return the last checkpoint.
+
+    `stop_requested` (SLURM preemption or time-out, see hubert_pipeline.launch) is polled at every step; when it
+    turns true on any rank, every rank stops after that step, a checkpoint is saved and `launch.Interrupted` raised.
+    """
     from spidr.config import MaskingConfig
     from torch.nn.parallel import DistributedDataParallel
     from tqdm import tqdm
@@ -300,6 +305,8 @@ def train(  # noqa: C901, PLR0912, PLR0915
                     )
                 scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                stop = stop_requested is not None and stop_requested()
+                stats = torch.cat([stats, torch.tensor([float(stop)], device=device)])
                 if env.world_size > 1:
                     dist.all_reduce(stats)
                 if not (math.isfinite(float(stats[0])) and math.isfinite(float(grad_norm))):
@@ -342,7 +349,27 @@ def train(  # noqa: C901, PLR0912, PLR0915
                     meters, window_start, window_audio = {}, time.perf_counter(), 0.0
                 if step % cfg.save_interval == 0 or step == cfg.max_steps:
                     last_path = save()
+                if float(stats[4]) > 0 and step < cfg.max_steps:
+                    if last_path != checkpoint_path(out_dir, step):
+                        last_path = save()
+                    from hubert_pipeline.launch import Interrupted
+
+                    raise Interrupted(f"stopped at step {step} on request; resume from {last_path}")
     return last_path
+
+
+def train_process(
+    *, run_id: str | None, tracking_uri: str | None, stop_requested: Callable[[], bool] | None = None, **kwargs: Any
+) -> None:
+    """`train` in one process of a (possibly distributed) run; rank 0 logs to the MLflow run `run_id`."""
+    from hubert_pipeline.cli import setup_logging
+    from hubert_pipeline.tracking import metric_logger
+
+    setup_logging()
+    log_fn = None
+    if run_id and int(os.environ.get("RANK", "0")) == 0:
+        log_fn = metric_logger(run_id, tracking_uri)
+    train(**kwargs, log_fn=log_fn, stop_requested=stop_requested)
 
 
 if __name__ == "__main__":
@@ -363,11 +390,33 @@ if __name__ == "__main__":
     from hubert_pipeline.params import load_params
 
     p = load_params(args.params)
-    train(
-        args.manifest,
-        args.out_dir,
-        cfg=p.train_it1 if args.iteration == 1 else p.train_it2,
-        model_size=p.model.size,
-        model_overrides=p.model.overrides,
-        num_classes=args.num_classes,
-    )
+    requested = False
+    if os.environ.get("SLURM_JOB_ID"):  # slurm/pretrain.sbatch: --signal=USR2@T before the time limit, --requeue
+        import signal
+
+        def _on_signal(signum: int, _frame: Any) -> None:
+            global requested  # noqa: PLW0603
+            logger.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
+            requested = True
+
+        signal.signal(signal.SIGUSR2, _on_signal)
+    from hubert_pipeline.launch import Interrupted
+
+    try:
+        train(
+            args.manifest,
+            args.out_dir,
+            cfg=p.train_it1 if args.iteration == 1 else p.train_it2,
+            model_size=p.model.size,
+            model_overrides=p.model.overrides,
+            num_classes=args.num_classes,
+            stop_requested=lambda: requested,
+        )
+    except Interrupted as e:
+        logger.warning("%s", e)
+        if int(os.environ.get("RANK", "0")) == 0:
+            import subprocess
+
+            subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
+            logger.warning("requeued SLURM job %s: it resumes from the last checkpoint", os.environ["SLURM_JOB_ID"])
+        raise SystemExit(0) from None

@@ -182,7 +182,7 @@ def stream_units_for_split(
          "device": execution.device}
         for s in range(num_shards)
     ]  # fmt: skip
-    map_tasks(stream_units_shard, tasks, execution=execution, desc=f"units {Path(output).stem}")
+    map_tasks(stream_units_shard, tasks, execution=execution, desc=f"units {Path(output).stem}", gpu=True)
     units: dict[str, list[int]] = {}
     for s in range(num_shards):
         units.update(json.loads((parts / f"shard-{s:05d}.json").read_text()))

@@ -1,0 +1,558 @@
+"""Benchmark: our pretraining step (`hubert_pipeline.train`) against minimal_hubert's, same model size, same batch.
+
+Both train the SAME batch (same waveforms, lengths, labels and mask, built once by our `data.Collator` from seeded
+random audio and random units at 50 Hz) with a model of the SAME size and the SAME initial weights (ours built as
+train.py builds it, copied into the reference; state-dict keys and shapes are checked identical). Each step is the
+one its trainer runs, copied here line for line (keep it in sync with src/hubert_pipeline/train.py):
+
+- ours: batch to device, reseed, forward under autocast, loss (frame losses + feature penalty, over the masked
+  frames), backward, unscale, grad clip, finiteness check, AdamW step (fused on CUDA), zero_grad, LR scheduler,
+  the logged metrics;
+- reference (`minimal_hubert.train.train`, one process): batch to device, forward under autocast, loss, backward,
+  unscale, grad clip, fused AdamW step (its train.py hard-codes `fused=True`, also used here on CPU), zero_grad,
+  LR scheduler, its on-device meters. It is reseeded like ours, so both draw the same dropout masks and layer drops.
+
+Sizes other than the reference's own (base, large, xlarge) are built by the reference's code with our preset's
+values in its config, conv layers and positional convolution (minimal_hubert hard-codes those). bf16 autocast on
+CUDA for both (train.py's default dtype); `--compile` compiles both as their trainers do. Each implementation runs
+in its own process (the script re-invokes itself with `--impl`), in ABBA order, with the same torch thread count:
+peak memory is then attributable. CUDA: `torch.cuda.max_memory_allocated` over the timed steps. CPU: the peak RSS
+during the timed steps above the RSS of the process once its model was built (optimizer state, gradients and
+activations; VmHWM, reset through /proc/self/clear_refs), and the peak above the RSS at the start of the timed
+steps (the step's transient memory). Throughput is audio seconds per wall second, median of all timed runs.
+
+    uv run python bench/train_throughput.py                        # CPU: tiny, 30 s batches of 6 x 5 s
+    uv run python bench/train_throughput.py --device cuda          # GPU: base, bf16 autocast, fused AdamW
+    uv run python bench/train_throughput.py --device cuda --compile --batch-seconds 87.5
+    uv run python bench/train_throughput.py --json > result.json   # machine-readable
+"""
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import hashlib
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+SAMPLE_RATE = 16_000
+PHASES = ("forward", "backward", "optimizer")
+type Mark = Callable[[str], None]
+
+
+def _no_mark(_phase: str) -> None:
+    pass
+
+
+# ---------------------------------------------------------------- memory of this process (Linux)
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> bool:
+    """Set VmHWM (peak RSS) to the current RSS; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def release_free_memory() -> None:
+    """Collect garbage and give glibc's free heap back to the system, so that RSS counts live memory."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+# ---------------------------------------------------------------- batch and models
+
+
+def make_batch(args: argparse.Namespace) -> Any:
+    """One batch as our data pipeline makes it: seeded random audio and units, cropped and masked by our Collator."""
+    import torch
+    from spidr.config import MaskingConfig
+
+    from hubert_pipeline.data import Collator
+    from hubert_pipeline.params import TrainParams
+    from hubert_pipeline.units import model_frames
+
+    cfg = TrainParams()
+    generator = torch.Generator().manual_seed(args.seed)
+    count = max(1, round(args.batch_seconds / args.utt_seconds))
+    samples = round(args.utt_seconds * SAMPLE_RATE)
+    items = []
+    for _ in range(count):
+        waveform = 0.1 * torch.randn(samples, generator=generator)
+        units = torch.randint(args.num_classes, (int(model_frames(samples)),), generator=generator)
+        items.append((0, waveform, units))
+    masking = MaskingConfig(mask_prob=cfg.mask_prob, mask_length=cfg.mask_length)
+    collator = Collator(masking, seed=args.seed, max_sample_size=cfg.max_sample_size, pad_audio=cfg.pad_audio)
+    return collator(items)
+
+
+def batch_digest(batch: Any) -> str:
+    digest = hashlib.sha256()
+    for tensor in (batch.waveforms, batch.labels, batch.mask):
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def reference_sized_as(cfg: Any, size: str) -> Iterator[None]:
+    """minimal_hubert's model code, with our preset's values where it hard-codes base/large/xlarge ones."""
+    from minimal_hubert import model as ref
+    from minimal_hubert.config import HuBERTConfig
+
+    values = HuBERTConfig(
+        size=size,  # ty: ignore[invalid-argument-type]
+        **{name: getattr(cfg, name) for name in HuBERTConfig.__dataclass_fields__ if name != "size"},
+    )
+    original_pos_conv = ref.ConvPositionalEmbedding
+
+    def pos_conv(embed_dim: int, kernel_size: int, groups: int, depth: int) -> Any:  # noqa: ARG001
+        return original_pos_conv(embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups, depth)
+
+    patches = {
+        "HuBERTConfig": types.SimpleNamespace(from_size=lambda _size: values),
+        "DEFAULT_CONV_LAYER_CONFIG": [tuple(layer) for layer in cfg.conv_layers],
+        "ConvPositionalEmbedding": pos_conv,
+        "_LOGIT_TEMPERATURE": cfg.logit_temperature,
+    }
+    saved = {name: getattr(ref, name) for name in patches}
+    try:
+        for name, value in patches.items():
+            setattr(ref, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ref, name, value)
+
+
+def build_models(impl: str, size: str, num_classes: int, seed: int) -> Any:
+    """Our HuBERTPretrain as train.py builds it; for `ref`, minimal_hubert's with our initial weights copied in."""
+    import torch
+
+    from hubert_pipeline.model import HubertConfig, HuBERTPretrain
+
+    cfg = HubertConfig.preset(size)  # ty: ignore[invalid-argument-type]
+    if impl == "ref":
+        from minimal_hubert.model import HuBERTPretrain as RefPretrain
+
+        with reference_sized_as(cfg, size):
+            reference = RefPretrain(num_classes, size=size)  # ty: ignore[invalid-argument-type]
+    torch.manual_seed(seed)  # as train.py: the same initial weights on every run
+    ours = HuBERTPretrain(cfg, num_classes)
+    if impl == "ours":
+        return ours
+    ours_state, ref_state = ours.state_dict(), reference.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in ours_state.items()}
+    if shapes != {k: tuple(v.shape) for k, v in ref_state.items()}:
+        raise RuntimeError(f"the reference built for size {size!r} does not have our state-dict keys and shapes")
+    with torch.no_grad():
+        for key, value in ref_state.items():
+            value.copy_(ours_state[key])
+    return reference
+
+
+# ---------------------------------------------------------------- the two training steps
+
+
+class OurTrainer:
+    """The optimizer set-up and the step of src/hubert_pipeline/train.py (one process, accumulate=1)."""
+
+    def __init__(self, model: Any, device: Any, *, compile_model: bool) -> None:
+        import torch
+
+        from hubert_pipeline.params import TrainParams
+        from hubert_pipeline.train import lr_lambda
+
+        self.cfg = cfg = TrainParams()
+        self.model, self.device = model, device
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.lr,
+            betas=(cfg.betas[0], cfg.betas[1]),
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            fused=device.type == "cuda",
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        self.use_autocast = device.type == "cuda" and self.dtype != torch.float32
+        self.scaler = torch.GradScaler(device.type, enabled=self.use_autocast and self.dtype == torch.float16)
+        self.forward_model = torch.compile(model, dynamic=True) if compile_model else model
+
+    def step(self, cpu_batch: Any, step: int, mark: Mark = _no_mark) -> float:
+        """One optimizer step; returns the mean masked-frame loss (train_loss)."""
+        import torch
+
+        cfg, device, optimizer = self.cfg, self.device, self.optimizer
+        micro = [cpu_batch.to(device)]
+        torch.manual_seed(hash((cfg.seed, 0, step)) % 2**62)
+        frames = torch.tensor(float(sum(int(b.mask.sum()) for b in micro)), device=device)
+        stats = torch.zeros(4, device=device)
+        for batch in micro:
+            with torch.autocast(device.type, dtype=self.dtype, enabled=self.use_autocast):
+                frame_loss, out = self.forward_model(
+                    batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask
+                )
+                n = frame_loss.numel()
+                total = frame_loss.float().sum() + cfg.feature_penalty * out["feature_penalty"].float() * n
+                loss = total / frames.clamp(min=1)
+                mark("forward")
+                self.scaler.scale(loss).backward()
+                mark("backward")
+            stats += torch.stack(
+                [
+                    out["logits_loss"].detach().float().sum(),
+                    out["correct"].detach().float().sum(),
+                    out["feature_penalty"].detach().float() * n,
+                    torch.tensor(float(n), device=device),
+                ]
+            )
+        self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        stats = torch.cat([stats, torch.tensor([0.0], device=device)])  # train.py's stop-request flag
+        if not (math.isfinite(float(stats[0])) and math.isfinite(float(grad_norm))):
+            raise FloatingPointError(f"non-finite loss or gradient norm at step {step + 1}")
+        lr = self.scheduler.get_last_lr()[0]
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        f = float(stats[3]) or 1.0
+        metrics = {
+            "train_loss": float(stats[0]) / f,
+            "train_accuracy": float(stats[1]) / f,
+            "train_feature_penalty": float(stats[2]) / f,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+        }
+        _ = float(stats[4]) > 0
+        mark("optimizer")
+        return metrics["train_loss"]
+
+
+class ReferenceTrainer:
+    """The optimizer set-up and the step of minimal_hubert.train.train (one process, no DDP)."""
+
+    def __init__(self, model: Any, device: Any, *, compile_model: bool) -> None:
+        import torch
+        from minimal_hubert.train import LinearDecayLRScheduler
+        from spidr.tools import AverageMeters
+
+        from hubert_pipeline.params import TrainParams
+
+        cfg = TrainParams()  # the same hyper-parameters as ours (they do not change the step's cost)
+        self.model, self.device, self.max_norm = model, device, cfg.grad_clip
+        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.dtype]
+        self.use_autocast = device.type == "cuda"  # cfg.optimizer.mixed_precision (its trainer is CUDA only)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            betas=(cfg.betas[0], cfg.betas[1]),
+            eps=cfg.eps,
+            fused=True,
+        )
+        self.scaler = torch.GradScaler(device.type, enabled=self.use_autocast and self.dtype == torch.float16)
+        self.scheduler = LinearDecayLRScheduler(self.optimizer, cfg.warmup_steps, cfg.max_steps)
+        self.meters = AverageMeters(["loss", "grad_norm", "batch_size", "feature_loss"], device=device)
+        if compile_model:
+            model.compile(dynamic=True)
+        self.seed = cfg.seed
+
+    def step(self, cpu_batch: Any, step: int, mark: Mark = _no_mark) -> float | None:
+        """One optimizer step; returns the mean masked-frame logits loss on the first step only (it syncs)."""
+        import torch
+
+        device, optimizer = self.device, self.optimizer
+        waveforms, labels, attn_mask, mask = (
+            cpu_batch.waveforms, cpu_batch.labels, cpu_batch.attention_mask, cpu_batch.mask
+        )  # fmt: skip
+        torch.manual_seed(hash((self.seed, 0, step)) % 2**62)  # not in its trainer: the same randomness as ours
+        num_frames = mask.sum().to(device, non_blocking=True)
+        with torch.autocast(device.type, self.dtype, self.use_autocast):
+            loss, outputs = self.model(
+                waveforms.to(device, non_blocking=True),
+                labels.to(device, non_blocking=True),
+                mask=mask.to(device, non_blocking=True),
+                attention_mask=attn_mask.to(device, non_blocking=True) if attn_mask is not None else None,
+            )
+        loss = loss.sum() / num_frames
+        mark("forward")
+        self.scaler.scale(loss).backward()
+        mark("backward")
+        self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        _ = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.meters.update(
+            loss=loss.detach(), batch_size=waveforms.size(0), grad_norm=grad_norm, feature_loss=outputs["feature_loss"]
+        )
+        mark("optimizer")
+        return float(outputs["logits_loss"].detach().float().mean()) if step == 0 else None
+
+
+# ---------------------------------------------------------------- one implementation, in this process
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def phase_times(trainer: Any, batch: Any, first_step: int, steps: int) -> dict[str, list[float]]:
+    """Seconds of each phase of `steps` steps, with a sync at each boundary (it stalls a GPU: not in the timing)."""
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+    for step in range(first_step, first_step + steps):
+        sync(trainer.device)
+        last = [time.perf_counter()]
+
+        def mark(phase: str, last: list[float] = last) -> None:
+            sync(trainer.device)
+            now = time.perf_counter()
+            phases[phase].append(now - last[0])
+            last[0] = now
+
+        trainer.step(batch, step, mark)
+    return phases
+
+
+def print_profile(name: str, trainer: Any, batch: Any, first_step: int) -> None:
+    """torch.profiler's most expensive operators over 3 steps, to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for step in range(first_step, first_step + 3):
+            trainer.step(batch, step)
+        sync(trainer.device)
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"--- {name}: 3 steps, by {sort}", file=sys.stderr)
+    print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+
+
+def run_impl(args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up, timed runs, peak memory, phases (and a profile) of one implementation, in this process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    batch = make_batch(args)
+    digest = batch_digest(batch)
+    if cuda:
+        batch = type(batch)(*(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in vars(batch).values()))
+    model = build_models(args.impl, args.size, args.num_classes, args.seed).to(device).train()
+    release_free_memory()
+    rss_model = rss_bytes()
+    trainer = (OurTrainer if args.impl == "ours" else ReferenceTrainer)(model, device, compile_model=args.compile)
+    first_loss = trainer.step(batch, 0)
+    for step in range(1, args.warmup):
+        trainer.step(batch, step)
+    sync(device)
+    release_free_memory()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    rss_start, peak_reset = rss_bytes(), reset_peak_rss()
+    step, runs = max(args.warmup, 1), []
+    for repeat in range(args.repeats):
+        sync(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(args.steps):
+            trainer.step(batch, step)
+            step += 1
+        sync(device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        runs.append({"wall_s": wall, "cpu_s": cpu, "audio_per_s": args.steps * batch.audio_seconds / wall})
+        print(f"  {args.impl}: run {repeat + 1}: {runs[-1]['audio_per_s']:.1f} audio s/s", file=sys.stderr)
+    if cuda:
+        memory = {
+            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
+        }
+    else:
+        peak = peak_rss_bytes()
+        memory = {
+            "peak_mib": (peak - rss_model) / 2**20,
+            "transient_mib": (peak - rss_start) / 2**20,
+            "peak_rss_mib": peak / 2**20,
+            "peak_is_lifetime": not peak_reset,
+        }
+    phases = phase_times(trainer, batch, step, args.steps) if args.breakdown else {}
+    if args.profile:
+        print_profile(args.impl, trainer, batch, step + args.steps)
+    return {
+        "impl": args.impl,
+        "batch_digest": digest,
+        "batch": {
+            "utterances": batch.waveforms.shape[0],
+            "audio_seconds": batch.audio_seconds,
+            "frames": int(batch.labels.numel()),
+            "masked_frames": int(batch.mask.sum()),
+        },
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "first_step_loss": first_loss,
+        "runs": runs,
+        "memory": memory,
+        "phases_s": {p: statistics.median(v) for p, v in phases.items() if v},
+    }
+
+
+# ---------------------------------------------------------------- the comparison, in the parent process
+
+
+def run_child(impl: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--impl", impl, "--device", args.device, "--size", args.size]
+    command += ["--threads", str(args.threads), "--batch-seconds", str(args.batch_seconds)]
+    command += ["--utt-seconds", str(args.utt_seconds), "--num-classes", str(args.num_classes)]
+    command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
+    command += ["--seed", str(args.seed)]
+    command += [flag for flag, on in (("--compile", args.compile), ("--profile", args.profile)) if on]
+    command += [] if args.breakdown else ["--no-breakdown"]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(args: argparse.Namespace, results: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
+    if len({r["batch_digest"] for r in results}) != 1:
+        raise RuntimeError("the processes did not train the same batch")
+    if len({r["parameters"] for r in results}) != 1:
+        raise RuntimeError("the two models do not have the same number of parameters")
+    summary: dict[str, Any] = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "impl"}}
+    summary["batch"] = results[0]["batch"] | {"parameters": results[0]["parameters"]}
+    for impl in ("ours", "ref"):
+        mine = [r for r in results if r["impl"] == impl]
+        runs = [run for r in mine for run in r["runs"]]
+        summary[impl] = {
+            "audio_per_s": statistics.median(run["audio_per_s"] for run in runs),
+            "step_s": statistics.median(run["wall_s"] for run in runs) / args.steps,
+            "cpu_s_per_step": statistics.median(run["cpu_s"] for run in runs) / args.steps,
+            "memory": {k: statistics.median(r["memory"][k] for r in mine) for k in mine[0]["memory"]},
+            "phases_s": {p: statistics.median(r["phases_s"][p] for r in mine) for p in mine[0]["phases_s"]},
+            "first_step_loss": mine[0]["first_step_loss"],
+            "all_audio_per_s": [run["audio_per_s"] for run in runs],
+        }
+    summary["throughput_ratio"] = summary["ours"]["audio_per_s"] / summary["ref"]["audio_per_s"]
+    summary["peak_memory_ratio"] = summary["ours"]["memory"]["peak_mib"] / summary["ref"]["memory"]["peak_mib"]
+    if "transient_mib" in summary["ours"]["memory"]:
+        summary["transient_memory_ratio"] = (
+            summary["ours"]["memory"]["transient_mib"] / summary["ref"]["memory"]["transient_mib"]
+        )
+    return summary
+
+
+def print_table(s: dict[str, Any]) -> None:
+    ours, ref, b, e = s["ours"], s["ref"], s["batch"], s["env"]
+    print(f"torch {e['torch']}, device {e['device_name']}, {e['threads']} threads, {e['cpu_count']} cores; "
+          f"load average {e['load_before']:.1f} before, {e['load_after']:.1f} after")  # fmt: skip
+    print(f"size {s['args']['size']} ({b['parameters']:,} parameters), batch {b['utterances']} x "
+          f"{b['audio_seconds'] / b['utterances']:.2f} s = {b['audio_seconds']:.1f} s of audio, {b['frames']} frames "
+          f"({b['masked_frames']} masked), k={s['args']['num_classes']}, compile={s['args']['compile']}")  # fmt: skip
+    runs = len(ours["all_audio_per_s"])
+    print(f"median of {runs} runs of {s['args']['steps']} steps each, after {s['args']['warmup']} warm-up steps")
+    rows: list[tuple[str, str, str]] = [
+        ("audio s / s", f"{ours['audio_per_s']:.1f}", f"{ref['audio_per_s']:.1f}"),
+        ("step (s)", f"{ours['step_s']:.3f}", f"{ref['step_s']:.3f}"),
+        ("CPU s per step", f"{ours['cpu_s_per_step']:.3f}", f"{ref['cpu_s_per_step']:.3f}"),
+    ]
+    labels = {"peak_mib": "peak memory (MiB)", "transient_mib": "  of which transient (MiB)",
+              "peak_rss_mib": "peak RSS of the process (MiB)", "reserved_mib": "peak reserved (MiB)"}  # fmt: skip
+    rows += [(label, f"{ours['memory'][k]:.0f}", f"{ref['memory'][k]:.0f}") for k, label in labels.items()
+             if k in ours["memory"]]  # fmt: skip
+    rows += [(f"{p} (s, synced)", f"{ours['phases_s'][p]:.3f}", f"{ref['phases_s'][p]:.3f}") for p in ours["phases_s"]]
+    rows.append(("first-step loss", f"{ours['first_step_loss']:.5f}", f"{ref['first_step_loss']:.5f}"))
+    print(f"{'':32} {'ours':>10} {'reference':>10}")
+    for label, a, c in rows:
+        print(f"{label:32} {a:>10} {c:>10}")
+    print("audio s / s of every run: ours " + " ".join(f"{v:.1f}" for v in ours["all_audio_per_s"])
+          + "; reference " + " ".join(f"{v:.1f}" for v in ref["all_audio_per_s"]))  # fmt: skip
+    if ours["memory"].get("peak_is_lifetime"):
+        print("(this kernel does not let the peak RSS be reset: peaks include the warm-up steps)")
+    print(f"throughput ratio (ours/ref): {s['throughput_ratio']:.2f}x")
+    print(f"peak memory ratio (ours/ref): {s['peak_memory_ratio']:.2f}x")
+    if "transient_memory_ratio" in s:
+        print(f"transient memory ratio (ours/ref): {s['transient_memory_ratio']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--size", choices=("tiny", "base", "large", "xlarge"), help="default: tiny on CPU, base on GPU")
+    parser.add_argument("--batch-seconds", type=float, default=30.0, help="audio per batch (train.py: 30 s)")
+    parser.add_argument("--utt-seconds", type=float, default=5.0, help="length of every utterance of the batch")
+    parser.add_argument("--num-classes", type=int, default=100, help="k: random units in [0, k)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per process")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per implementation, in ABBA order")
+    parser.add_argument("--threads", type=int, help="torch threads of both (default: torch's default here)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models (dynamic=True)")
+    parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-phase timing")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each (stderr)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    parser.add_argument("--impl", choices=("ours", "ref"), help=argparse.SUPPRESS)  # the child processes
+    args = parser.parse_args()
+
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.size = args.size or ("base" if args.device == "cuda" else "tiny")
+    args.threads = args.threads or torch.get_num_threads()
+    if args.impl is not None:
+        print(json.dumps(run_impl(args)))
+        return
+
+    load_before = os.getloadavg()[0]
+    order = ["ours", "ref", "ref", "ours"] * (args.rounds // 2) + ["ours", "ref"] * (args.rounds % 2)
+    results = []
+    for impl in order:
+        print(f"{impl}: new process ({args.size}, {args.device}, {args.threads} threads)", file=sys.stderr)
+        results.append(run_child(impl, args))
+    env = {
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+    }
+    summary = summarize(args, results, env)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print_table(summary)
+
+
+if __name__ == "__main__":
+    main()

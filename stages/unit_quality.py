@@ -1,0 +1,80 @@
+"""Stage unit_quality: unit quality across iterations on one table, beside ABX.
+
+Rows: the MFCC units (targets of iteration 1), the it1 best-layer units (targets of iteration 2), and the units of
+the it2 model's best layer (what an iteration 3 would train on: k-means with k = kmeans.k on the same fitting
+subset, valid split only). Columns: PNMI, phone purity, cluster purity on the valid split, and ABX (within and
+across speakers) of MFCC and of each model's best layer. Written as a DVC metrics file and logged to MLflow.
+"""
+
+import json
+from pathlib import Path
+
+from hubert_pipeline.cli import parser, setup_logging
+
+if __name__ == "__main__":
+    p = parser(__doc__)
+    p.add_argument("manifests", help="folder with train.csv and valid.csv")
+    p.add_argument("units_it1", help="metrics/units_it1.json")
+    p.add_argument("units_it2", help="metrics/units_it2.json")
+    p.add_argument("abx_it1", help="outputs/abx/it1 (scores.json)")
+    p.add_argument("abx_it2", help="outputs/abx/it2 (scores.json, best_layer.json)")
+    p.add_argument("model_it2", help="the chosen it2 model folder")
+    p.add_argument("work", help="folder for the it2 layer features, centroids and units (an output)")
+    p.add_argument("metrics", help="JSON table to write")
+    args = p.parse_args()
+    setup_logging()
+
+    import mlflow
+
+    from hubert_pipeline.io import write_json
+    from hubert_pipeline.kmeans import fit_kmeans, save_centroids
+    from hubert_pipeline.launch import run_job
+    from hubert_pipeline.layer_features import extract_layer_features
+    from hubert_pipeline.params import load_params
+    from hubert_pipeline.tracking import stage_run
+    from hubert_pipeline.unit_metrics import unit_quality
+    from hubert_pipeline.units import read_units, stream_units_for_split
+
+    params = load_params(args.params)
+    if not params.data.alignments:
+        raise SystemExit("unit_quality needs phone alignments: data.alignments is empty")
+    scores = {it: json.loads((Path(d) / "scores.json").read_text()) for it, d in (("it1", args.abx_it1),
+                                                                                   ("it2", args.abx_it2))}  # fmt: skip
+    layer = int(scores["it2"]["best_layer"])
+    work = Path(args.work)
+    it2 = params.iteration2
+    with stage_run("unit_quality", mlflow_params=params.mlflow, params={"kmeans.k": params.kmeans.k}, iteration=2):
+        extract_layer_features(
+            str(Path(args.manifests) / "train.csv"), work / "features", teacher=args.model_it2, layer=layer,
+            fit_fraction=params.kmeans.fit_fraction, seed=params.kmeans.seed, num_shards=it2.num_shards,
+            dtype=it2.dtype, normalize=params.train_it2.normalize, execution=params.execution,
+        )  # fmt: skip
+        cfg = params.kmeans
+        fit = {"store": str(work / "features"), "k": cfg.k, "fit_fraction": 1.0, "seed": cfg.seed,
+               "max_iter": cfg.max_iter, "tol": cfg.tol, "n_init": cfg.n_init, "chunk_frames": cfg.chunk_frames,
+               "device": params.execution.device}  # fmt: skip
+        result = run_job(fit_kmeans, fit, execution=params.execution, desc="unit_quality-kmeans", gpu=True)
+        save_centroids(work / "centroids.safetensors", result, {"iteration": "3", "layer": str(layer)})
+        stream_units_for_split(
+            Path(args.manifests) / "valid.csv", work / "valid.jsonl", teacher=args.model_it2, layer=layer,
+            centroids=work / "centroids.safetensors", num_shards=it2.num_shards, normalize=params.train_it2.normalize,
+            tolerance=params.units.length_tolerance, execution=params.execution,
+        )  # fmt: skip
+        it3 = unit_quality(read_units(work / "valid.jsonl"), Path(params.data.alignments) / "valid.jsonl")
+        it1_units = json.loads(Path(args.units_it1).read_text())["valid"]
+        it2_units = json.loads(Path(args.units_it2).read_text())["valid"]
+        best = {it: int(s["best_layer"]) for it, s in scores.items()}
+        rows = {
+            "mfcc": {"source": "MFCC", "k": cfg.k_it1, **it1_units, **scores["it1"]["mfcc"]},
+            "it1_best_layer": {"source": f"it1 layer {best['it1']}", "k": cfg.k, **it2_units,
+                               **scores["it1"][f"layer_{best['it1']}"]},
+            "it2_best_layer": {"source": f"it2 layer {best['it2']}", "k": cfg.k, **it3,
+                               **scores["it2"][f"layer_{best['it2']}"]},
+        }  # fmt: skip
+        keep = ("source", "k", "pnmi", "phone_purity", "cluster_purity", "within", "across")
+        table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
+                 for name, row in rows.items()}  # fmt: skip
+        write_json(args.metrics, table)
+        for name, row in table.items():
+            mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in row.items() if isinstance(v, int | float)})
+        mlflow.log_artifact(args.metrics)
