@@ -14,12 +14,17 @@ one its trainer runs, copied here line for line (keep it in sync with src/hubert
 
 Sizes other than the reference's own (base, large, xlarge) are built by the reference's code with our preset's
 values in its config, conv layers and positional convolution (minimal_hubert hard-codes those). bf16 autocast on
-CUDA for both (train.py's default dtype); `--compile` compiles both as their trainers do. Each implementation runs
-in its own process (the script re-invokes itself with `--impl`), in ABBA order, with the same torch thread count:
-peak memory is then attributable. CUDA: `torch.cuda.max_memory_allocated` over the timed steps. CPU: the peak RSS
-during the timed steps above the RSS of the process once its model was built (optimizer state, gradients and
-activations; VmHWM, reset through /proc/self/clear_refs), and the peak above the RSS at the start of the timed
-steps (the step's transient memory). Throughput is audio seconds per wall second, median of all timed runs.
+CUDA for both (train.py's default dtype); `--compile` compiles both as their trainers do.
+
+Each implementation runs in its own process (the script re-invokes itself with `--impl`), with the same torch
+thread count, so that peak memory is attributable. Both warm up, then their timed runs of `--steps` steps
+alternate (ours, ref, ref, ours, ...), one process waiting while the other runs, so that a busy spell of a shared
+machine hits both. Throughput is audio seconds per wall second, the median of the runs; the median of the
+run-by-run ratios is printed too. Peak memory, over the timed runs: on CUDA `torch.cuda.max_memory_allocated`; on
+CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs) above the RSS of the process once its model was
+built (optimizer state, gradients and activations), and above the RSS at the start of the timed runs (the step's
+transient memory). Then forward, backward and optimizer are timed with a sync at each boundary (skip with
+`--no-breakdown`); `--profile` prints torch.profiler's top operators of each.
 
     uv run python bench/train_throughput.py                        # CPU: tiny, 30 s batches of 6 x 5 s
     uv run python bench/train_throughput.py --device cuda          # GPU: base, bf16 autocast, fused AdamW
@@ -327,144 +332,204 @@ def sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def phase_times(trainer: Any, batch: Any, first_step: int, steps: int) -> dict[str, list[float]]:
-    """Seconds of each phase of `steps` steps, with a sync at each boundary (it stalls a GPU: not in the timing)."""
-    phases: dict[str, list[float]] = {p: [] for p in PHASES}
-    for step in range(first_step, first_step + steps):
-        sync(trainer.device)
-        last = [time.perf_counter()]
+class Worker:
+    """One implementation in this process: built and warmed up, then timed run by run as the parent asks."""
 
-        def mark(phase: str, last: list[float] = last) -> None:
-            sync(trainer.device)
-            now = time.perf_counter()
-            phases[phase].append(now - last[0])
-            last[0] = now
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
 
-        trainer.step(batch, step, mark)
-    return phases
+        torch.set_num_threads(args.threads)
+        self.args, self.device = args, torch.device(args.device)
+        batch = make_batch(args)
+        self.digest = batch_digest(batch)
+        if self.device.type == "cuda":
+            batch = type(batch)(*(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in vars(batch).values()))
+        self.batch = batch
+        self.model = build_models(args.impl, args.size, args.num_classes, args.seed).to(self.device).train()
+        release_free_memory()
+        self.rss_model = rss_bytes()
+        trainer = OurTrainer if args.impl == "ours" else ReferenceTrainer
+        self.trainer = trainer(self.model, self.device, compile_model=args.compile)
+        self.first_loss = self.trainer.step(batch, 0)
+        for step in range(1, args.warmup):
+            self.trainer.step(batch, step)
+        self.step = max(args.warmup, 1)
+        sync(self.device)
+        release_free_memory()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_start, self.peak_reset = rss_bytes(), reset_peak_rss()
 
+    def hello(self) -> dict[str, Any]:
+        batch = self.batch
+        return {
+            "impl": self.args.impl,
+            "batch_digest": self.digest,
+            "batch": {
+                "utterances": batch.waveforms.shape[0],
+                "audio_seconds": batch.audio_seconds,
+                "frames": int(batch.labels.numel()),
+                "masked_frames": int(batch.mask.sum()),
+            },
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "first_step_loss": self.first_loss,
+        }
 
-def print_profile(name: str, trainer: Any, batch: Any, first_step: int) -> None:
-    """torch.profiler's most expensive operators over 3 steps, to stderr."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = trainer.device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        for step in range(first_step, first_step + 3):
-            trainer.step(batch, step)
-        sync(trainer.device)
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(f"--- {name}: 3 steps, by {sort}", file=sys.stderr)
-    print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
-
-
-def run_impl(args: argparse.Namespace) -> dict[str, Any]:
-    """Warm-up, timed runs, peak memory, phases (and a profile) of one implementation, in this process."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    batch = make_batch(args)
-    digest = batch_digest(batch)
-    if cuda:
-        batch = type(batch)(*(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in vars(batch).values()))
-    model = build_models(args.impl, args.size, args.num_classes, args.seed).to(device).train()
-    release_free_memory()
-    rss_model = rss_bytes()
-    trainer = (OurTrainer if args.impl == "ours" else ReferenceTrainer)(model, device, compile_model=args.compile)
-    first_loss = trainer.step(batch, 0)
-    for step in range(1, args.warmup):
-        trainer.step(batch, step)
-    sync(device)
-    release_free_memory()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    rss_start, peak_reset = rss_bytes(), reset_peak_rss()
-    step, runs = max(args.warmup, 1), []
-    for repeat in range(args.repeats):
-        sync(device)
+    def run(self) -> dict[str, float]:
+        """`--steps` steps, timed: wall and CPU seconds, audio seconds per second."""
+        sync(self.device)
         wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(args.steps):
-            trainer.step(batch, step)
-            step += 1
-        sync(device)
+        for _ in range(self.args.steps):
+            self.trainer.step(self.batch, self.step)
+            self.step += 1
+        sync(self.device)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        runs.append({"wall_s": wall, "cpu_s": cpu, "audio_per_s": args.steps * batch.audio_seconds / wall})
-        print(f"  {args.impl}: run {repeat + 1}: {runs[-1]['audio_per_s']:.1f} audio s/s", file=sys.stderr)
-    if cuda:
-        memory = {
-            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20,
-            "reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
-        }
-    else:
+        return {"wall_s": wall, "cpu_s": cpu, "audio_per_s": self.args.steps * self.batch.audio_seconds / wall}
+
+    def phases(self) -> dict[str, float]:
+        """Median seconds of each phase over `--steps` steps, synced at each boundary (stalls a GPU: not timed)."""
+        phases: dict[str, list[float]] = {p: [] for p in PHASES}
+        for _ in range(self.args.steps):
+            sync(self.device)
+            last = [time.perf_counter()]
+
+            def mark(phase: str, last: list[float] = last) -> None:
+                sync(self.device)
+                now = time.perf_counter()
+                phases[phase].append(now - last[0])
+                last[0] = now
+
+            self.trainer.step(self.batch, self.step, mark)
+            self.step += 1
+        return {p: statistics.median(v) for p, v in phases.items()}
+
+    def memory(self) -> dict[str, float]:
+        """Peak memory since the end of the warm-up, in MiB."""
+        import torch
+
+        if self.device.type == "cuda":
+            return {
+                "peak_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
+                "reserved_mib": torch.cuda.max_memory_reserved(self.device) / 2**20,
+            }
         peak = peak_rss_bytes()
-        memory = {
-            "peak_mib": (peak - rss_model) / 2**20,
-            "transient_mib": (peak - rss_start) / 2**20,
+        return {
+            "peak_mib": (peak - self.rss_model) / 2**20,
+            "transient_mib": (peak - self.rss_start) / 2**20,
             "peak_rss_mib": peak / 2**20,
-            "peak_is_lifetime": not peak_reset,
+            "peak_is_lifetime": float(not self.peak_reset),
         }
-    phases = phase_times(trainer, batch, step, args.steps) if args.breakdown else {}
-    if args.profile:
-        print_profile(args.impl, trainer, batch, step + args.steps)
-    return {
-        "impl": args.impl,
-        "batch_digest": digest,
-        "batch": {
-            "utterances": batch.waveforms.shape[0],
-            "audio_seconds": batch.audio_seconds,
-            "frames": int(batch.labels.numel()),
-            "masked_frames": int(batch.mask.sum()),
-        },
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "first_step_loss": first_loss,
-        "runs": runs,
-        "memory": memory,
-        "phases_s": {p: statistics.median(v) for p, v in phases.items() if v},
-    }
+
+    def profile(self) -> None:
+        """torch.profiler's most expensive operators over 3 steps, to stderr."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            for _ in range(3):
+                self.trainer.step(self.batch, self.step)
+                self.step += 1
+            sync(self.device)
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(f"--- {self.args.impl}: 3 steps, by {sort}", file=sys.stderr)
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+
+
+def serve(args: argparse.Namespace) -> None:
+    """The child process: answer the parent's commands (one line each on stdin) with one JSON line each on stdout."""
+    worker = Worker(args)
+    answers: dict[str, Callable[[], Any]] = {"run": worker.run, "phases": worker.phases, "memory": worker.memory,
+                                             "profile": worker.profile}  # fmt: skip
+    print(json.dumps(worker.hello()), flush=True)
+    for line in sys.stdin:
+        if (command := line.strip()) == "exit":
+            return
+        print(json.dumps(answers[command]()), flush=True)
 
 
 # ---------------------------------------------------------------- the comparison, in the parent process
 
 
-def run_child(impl: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--impl", impl, "--device", args.device, "--size", args.size]
-    command += ["--threads", str(args.threads), "--batch-seconds", str(args.batch_seconds)]
-    command += ["--utt-seconds", str(args.utt_seconds), "--num-classes", str(args.num_classes)]
-    command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-    command += ["--seed", str(args.seed)]
-    command += [flag for flag, on in (("--compile", args.compile), ("--profile", args.profile)) if on]
-    command += [] if args.breakdown else ["--no-breakdown"]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class Child:
+    """A `--impl` process of this script, asked one command at a time (the other one waits meanwhile)."""
+
+    def __init__(self, impl: str, args: argparse.Namespace) -> None:
+        command = [sys.executable, __file__, "--impl", impl, "--device", args.device, "--size", args.size]
+        command += ["--threads", str(args.threads), "--batch-seconds", str(args.batch_seconds)]
+        command += ["--utt-seconds", str(args.utt_seconds), "--num-classes", str(args.num_classes)]
+        command += ["--warmup", str(args.warmup), "--steps", str(args.steps), "--seed", str(args.seed)]
+        command += ["--compile"] if args.compile else []
+        self.impl = impl
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def answer(self) -> Any:
+        assert self.process.stdout is not None
+        if not (line := self.process.stdout.readline()):
+            raise RuntimeError(f"the {self.impl} process ended (exit status {self.process.wait()}); see above")
+        return json.loads(line)
+
+    def ask(self, command: str) -> Any:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.answer()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(BrokenPipeError):
+                self.process.communicate("exit\n", timeout=60)
+        if self.process.poll() is None:
+            self.process.kill()
 
 
-def summarize(args: argparse.Namespace, results: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
-    if len({r["batch_digest"] for r in results}) != 1:
-        raise RuntimeError("the processes did not train the same batch")
-    if len({r["parameters"] for r in results}) != 1:
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Both processes warmed up, then their timed runs alternated (ours, ref, ref, ours, ...) so load hits both."""
+    results: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        children = {impl: Child(impl, args) for impl in ("ours", "ref")}
+        for child in children.values():
+            stack.callback(child.close)
+        for impl, child in children.items():  # both warm up at the same time: nothing is timed yet
+            results[impl] = child.answer() | {"runs": []}
+        for repeat in range(args.repeats):
+            for impl in ("ours", "ref") if repeat % 2 == 0 else ("ref", "ours"):
+                results[impl]["runs"].append(run := children[impl].ask("run"))
+                print(f"  run {repeat + 1}, {impl}: {run['audio_per_s']:.1f} audio s / s", file=sys.stderr)
+        for impl, child in children.items():
+            results[impl]["memory"] = child.ask("memory")
+            results[impl]["phases_s"] = child.ask("phases") if args.breakdown else {}
+            if args.profile:
+                child.ask("profile")
+    if results["ours"]["batch_digest"] != results["ref"]["batch_digest"]:
+        raise RuntimeError("the two processes did not train the same batch")
+    if results["ours"]["parameters"] != results["ref"]["parameters"]:
         raise RuntimeError("the two models do not have the same number of parameters")
+    return results
+
+
+def summarize(args: argparse.Namespace, results: dict[str, dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"env": env, "args": {k: v for k, v in vars(args).items() if k != "impl"}}
-    summary["batch"] = results[0]["batch"] | {"parameters": results[0]["parameters"]}
-    for impl in ("ours", "ref"):
-        mine = [r for r in results if r["impl"] == impl]
-        runs = [run for r in mine for run in r["runs"]]
+    summary["batch"] = results["ours"]["batch"] | {"parameters": results["ours"]["parameters"]}
+    for impl, r in results.items():
+        runs = r["runs"]
         summary[impl] = {
             "audio_per_s": statistics.median(run["audio_per_s"] for run in runs),
+            "best_audio_per_s": max(run["audio_per_s"] for run in runs),
             "step_s": statistics.median(run["wall_s"] for run in runs) / args.steps,
             "cpu_s_per_step": statistics.median(run["cpu_s"] for run in runs) / args.steps,
-            "memory": {k: statistics.median(r["memory"][k] for r in mine) for k in mine[0]["memory"]},
-            "phases_s": {p: statistics.median(r["phases_s"][p] for r in mine) for p in mine[0]["phases_s"]},
-            "first_step_loss": mine[0]["first_step_loss"],
+            "memory": r["memory"],
+            "phases_s": r["phases_s"],
+            "first_step_loss": r["first_step_loss"],
             "all_audio_per_s": [run["audio_per_s"] for run in runs],
         }
-    summary["throughput_ratio"] = summary["ours"]["audio_per_s"] / summary["ref"]["audio_per_s"]
-    summary["peak_memory_ratio"] = summary["ours"]["memory"]["peak_mib"] / summary["ref"]["memory"]["peak_mib"]
-    if "transient_mib" in summary["ours"]["memory"]:
-        summary["transient_memory_ratio"] = (
-            summary["ours"]["memory"]["transient_mib"] / summary["ref"]["memory"]["transient_mib"]
-        )
+    ours, ref = summary["ours"], summary["ref"]
+    summary["throughput_ratio"] = ours["audio_per_s"] / ref["audio_per_s"]
+    summary["paired_throughput_ratio"] = statistics.median(
+        a / b for a, b in zip(ours["all_audio_per_s"], ref["all_audio_per_s"], strict=True)
+    )
+    summary["peak_memory_ratio"] = ours["memory"]["peak_mib"] / ref["memory"]["peak_mib"]
+    if "transient_mib" in ours["memory"]:
+        summary["transient_memory_ratio"] = ours["memory"]["transient_mib"] / ref["memory"]["transient_mib"]
     return summary
 
 
@@ -475,12 +540,13 @@ def print_table(s: dict[str, Any]) -> None:
     print(f"size {s['args']['size']} ({b['parameters']:,} parameters), batch {b['utterances']} x "
           f"{b['audio_seconds'] / b['utterances']:.2f} s = {b['audio_seconds']:.1f} s of audio, {b['frames']} frames "
           f"({b['masked_frames']} masked), k={s['args']['num_classes']}, compile={s['args']['compile']}")  # fmt: skip
-    runs = len(ours["all_audio_per_s"])
-    print(f"median of {runs} runs of {s['args']['steps']} steps each, after {s['args']['warmup']} warm-up steps")
+    print(f"{s['args']['repeats']} timed runs of {s['args']['steps']} steps each, alternated between the two "
+          f"processes, after {s['args']['warmup']} warm-up steps")  # fmt: skip
     rows: list[tuple[str, str, str]] = [
-        ("audio s / s", f"{ours['audio_per_s']:.1f}", f"{ref['audio_per_s']:.1f}"),
-        ("step (s)", f"{ours['step_s']:.3f}", f"{ref['step_s']:.3f}"),
-        ("CPU s per step", f"{ours['cpu_s_per_step']:.3f}", f"{ref['cpu_s_per_step']:.3f}"),
+        ("audio s / s, median", f"{ours['audio_per_s']:.1f}", f"{ref['audio_per_s']:.1f}"),
+        ("audio s / s, best", f"{ours['best_audio_per_s']:.1f}", f"{ref['best_audio_per_s']:.1f}"),
+        ("step (s), median", f"{ours['step_s']:.3f}", f"{ref['step_s']:.3f}"),
+        ("CPU s per step, median", f"{ours['cpu_s_per_step']:.3f}", f"{ref['cpu_s_per_step']:.3f}"),
     ]
     labels = {"peak_mib": "peak memory (MiB)", "transient_mib": "  of which transient (MiB)",
               "peak_rss_mib": "peak RSS of the process (MiB)", "reserved_mib": "peak reserved (MiB)"}  # fmt: skip
@@ -496,9 +562,10 @@ def print_table(s: dict[str, Any]) -> None:
     if ours["memory"].get("peak_is_lifetime"):
         print("(this kernel does not let the peak RSS be reset: peaks include the warm-up steps)")
     print(f"throughput ratio (ours/ref): {s['throughput_ratio']:.2f}x")
+    print(f"  median of the run-by-run ratios: {s['paired_throughput_ratio']:.2f}x")
     print(f"peak memory ratio (ours/ref): {s['peak_memory_ratio']:.2f}x")
     if "transient_memory_ratio" in s:
-        print(f"transient memory ratio (ours/ref): {s['transient_memory_ratio']:.2f}x")
+        print(f"  transient memory ratio (ours/ref): {s['transient_memory_ratio']:.2f}x")
 
 
 def main() -> None:
@@ -510,10 +577,9 @@ def main() -> None:
     parser.add_argument("--batch-seconds", type=float, default=30.0, help="audio per batch (train.py: 30 s)")
     parser.add_argument("--utt-seconds", type=float, default=5.0, help="length of every utterance of the batch")
     parser.add_argument("--num-classes", type=int, default=100, help="k: random units in [0, k)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 1)")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per process")
-    parser.add_argument("--rounds", type=int, default=2, help="processes per implementation, in ABBA order")
+    parser.add_argument("--repeats", type=int, default=8, help="timed runs of each, alternated; medians reported")
     parser.add_argument("--threads", type=int, help="torch threads of both (default: torch's default here)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models (dynamic=True)")
     parser.add_argument("--no-breakdown", dest="breakdown", action="store_false", help="skip the per-phase timing")
@@ -530,15 +596,12 @@ def main() -> None:
     args.size = args.size or ("base" if args.device == "cuda" else "tiny")
     args.threads = args.threads or torch.get_num_threads()
     if args.impl is not None:
-        print(json.dumps(run_impl(args)))
+        serve(args)
         return
 
     load_before = os.getloadavg()[0]
-    order = ["ours", "ref", "ref", "ours"] * (args.rounds // 2) + ["ours", "ref"] * (args.rounds % 2)
-    results = []
-    for impl in order:
-        print(f"{impl}: new process ({args.size}, {args.device}, {args.threads} threads)", file=sys.stderr)
-        results.append(run_child(impl, args))
+    print(f"starting both processes ({args.size}, {args.device}, {args.threads} threads)", file=sys.stderr)
+    results = compare(args)
     env = {
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

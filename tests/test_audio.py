@@ -6,8 +6,10 @@ import torch
 from conftest import tone, write_wav
 
 from hubert_pipeline.audio import (
+    AudioSource,
     BadAudioError,
     build_manifest,
+    discover,
     file_id,
     load_audio,
     read_manifest,
@@ -106,3 +108,33 @@ def test_manifest_round_trips_through_csv_and_is_readable_by_spidr(corpus, tmp_p
     dataset = speech_dataset(tmp_path / "train.csv", normalize=False)
     assert len(dataset) == 3
     assert dataset[2].shape == (32000,)
+
+
+def test_pcm_wav_fast_path_gives_the_decoders_samples_for_files_and_tar_members(tmp_path):
+    from hubert_pipeline.audio import _decoder, _pcm_wav
+
+    samples = np.concatenate([tone(0.5, seed=3), [1.0, -1.0, 0.0, 0.999]])  # with full-scale samples
+    path = write_wav(tmp_path / "a.wav", samples)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        tar.add(path, arcname="x/a.wav")
+    (_, tar_source), *_ = list(discover(tmp_path / "a.tar", ".wav"))
+    for source in (AudioSource(str(path)), tar_source):
+        assert _pcm_wav(source) is not None  # the fast path is taken
+        fast = load_audio(source)
+        assert torch.equal(fast, _decoder(source).get_all_samples().data[0])
+        assert fast.dtype == torch.float32
+        assert fast.abs().max() <= 1.0
+
+
+def test_pcm_wav_fast_path_checks_rate_and_channels_and_leaves_other_files_to_the_decoder(tmp_path):
+    from hubert_pipeline.audio import _pcm_wav
+
+    with pytest.raises(BadAudioError, match=r"stereo\.wav.*2 channel\(s\) at 16000 Hz"):
+        load_audio(AudioSource(str(write_wav(tmp_path / "stereo.wav", np.stack([tone(0.2)] * 2, axis=1)))))
+    with pytest.raises(BadAudioError, match=r"low\.wav.*1 channel\(s\) at 8000 Hz"):
+        load_audio(AudioSource(str(write_wav(tmp_path / "low.wav", tone(0.2, 8000), 8000))))
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(write_wav(tmp_path / "full.wav", tone(0.2)).read_bytes()[:-100])
+    assert _pcm_wav(AudioSource(str(truncated))) is None  # the decoder decides
+    (tmp_path / "junk.wav").write_bytes(b"not a wav file at all")
+    assert _pcm_wav(AudioSource(str(tmp_path / "junk.wav"))) is None

@@ -206,9 +206,10 @@ def test_preempted_training_checkpoints_requeues_and_resumes(projects, tmp_path)
     extra = [s for s in steps if s % 6]
     assert len(extra) == 1  # the checkpoint taken on the signal
     assert 6 < extra[0] < 12
-    log = "".join(p.read_text() for p in (project / "logs/slurm/pretrain_it1").glob("*_log.err"))
-    assert "received SIGUSR2" in log
-    assert f"resuming from {ckpts / f'step_{extra[0]:08d}.pt'}" in log
+    log = "".join(p.read_text() for p in sorted((project / "logs/slurm/pretrain_it1").glob("*_log.*")))
+    assert "received SIGUSR2: checkpointing at the end of this step" in log
+    assert "Requeued job" in log  # submitit's checkpointing
+    assert f"resuming from outputs/pretrain/it1/checkpoints/step_{extra[0]:08d}.pt" in log
     # resumed equals uninterrupted
     a = torch.load(reference / "outputs/pretrain/it1/checkpoints/step_00000012.pt", map_location="cpu",
                    weights_only=True)  # fmt: skip

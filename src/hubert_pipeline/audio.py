@@ -6,8 +6,10 @@ enters a manifest: undecodable, empty, non-16 kHz or multi-channel files are rep
 the stage (default) or are skipped and listed in a separate CSV.
 """
 
+import io
 import logging
 import tarfile
+import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -85,8 +87,36 @@ def probe(source: AudioSource) -> int:
     return samples
 
 
+def _pcm_wav(source: AudioSource) -> tuple[bytes, int, int] | None:
+    """(little-endian int16 samples, sample rate, channels) of a 16-bit PCM WAV, read with the standard library;
+    None for anything else (the decoder then reads it, or reports it). Per file, FFmpeg's decoder costs tens of
+    milliseconds; this costs tens of microseconds, and gives the same samples (tests/test_audio.py)."""
+    if not source.path.endswith(".wav"):
+        return None
+    try:
+        data = source.read_source()
+        with io.BytesIO(data) if isinstance(data, bytes) else Path(data).open("rb") as f, wave.open(f) as w:
+            if w.getsampwidth() != 2 or w.getcomptype() != "NONE":  # noqa: PLR2004
+                return None
+            frames, expected = w.readframes(w.getnframes()), w.getnframes() * w.getnchannels() * 2
+            rate, channels = w.getframerate(), w.getnchannels()
+    except (wave.Error, EOFError, OSError, ValueError):
+        return None
+    if len(frames) != expected:  # truncated: let the decoder decide what it can read
+        return None
+    return frames, rate, channels
+
+
 def load_audio(source: AudioSource) -> "torch.Tensor":  # type: ignore[name-defined]  # noqa: F821
     """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
+    if (pcm := _pcm_wav(source)) is not None:
+        import numpy as np
+        import torch
+
+        frames, rate, channels = pcm
+        if rate != SAMPLE_RATE or channels != 1:
+            raise BadAudioError(f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz")
+        return torch.from_numpy(np.frombuffer(frames, "<i2").astype(np.float32) / np.float32(32768))
     samples = _decoder(source).get_all_samples()
     if samples.sample_rate != SAMPLE_RATE or samples.data.shape[0] != 1:
         raise BadAudioError(

@@ -299,7 +299,8 @@ def _slurm_distributed(fn: Callable[..., Any], kwargs: dict[str, Any], *, slurm:
                          tasks_per_node=tasks_per_node)  # fmt: skip
     folder = Path(slurm.log_folder).resolve() / name
     record_path = folder / "jobs.json"
-    fingerprint = _fingerprint(fn, [kwargs], [slurm.nodes, tasks_per_node])
+    same_work = {k: v for k, v in kwargs.items() if k != "run_id"}  # each stage execution has its own MLflow run
+    fingerprint = _fingerprint(fn, [same_work], [slurm.nodes, tasks_per_node])
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     job = None
     if record.get("fingerprint") == fingerprint and record["job_ids"][0] in (_queue() or {}):
