@@ -191,6 +191,16 @@ def _final_state(job_id: str) -> str:
     return "UNKNOWN (no longer known to slurmctld)"
 
 
+def _vanished_state(job_id: str, last_seen: str | None) -> str:
+    """Why a job left the queue without a result: slurmctld's final state, or what the last squeue implies."""
+    state = _final_state(job_id)
+    if state.startswith("UNKNOWN") and last_seen == "PENDING":
+        # a pending job leaves the queue only by starting (slurmctld then keeps its record for MinJobAge) or by
+        # being cancelled: SLURM purges a pending array task cancelled with scancel
+        return "CANCELLED while pending"
+    return state
+
+
 def _cancel(job_ids: Sequence[str]) -> None:
     if job_ids:
         subprocess.run(["scancel", *job_ids], capture_output=True, check=False)
@@ -217,6 +227,7 @@ def _wait(jobs: list[Any], *, desc: str, labels: list[str], poll: float) -> list
     results: list[Any] = [None] * len(jobs)
     pending = set(range(len(jobs)))
     vanished_at: dict[int, float] = {}
+    last_seen: dict[int, str] = {}  # state in squeue at the last poll
     grace = max(2 * poll, 10.0)  # a result file written at the very end may show up after squeue forgot the job
 
     def fail(i: int, why: str) -> TaskError:
@@ -240,9 +251,10 @@ def _wait(jobs: list[Any], *, desc: str, labels: list[str], poll: float) -> list
                 elif queue is not None and job.job_id not in queue:
                     since = vanished_at.setdefault(i, time.monotonic())
                     if time.monotonic() - since > grace:
-                        raise fail(i, f"ended {_final_state(job.job_id)} without a result")
+                        raise fail(i, f"ended {_vanished_state(job.job_id, last_seen.get(i))} without a result")
                 else:
                     vanished_at.pop(i, None)
+                    last_seen[i] = (queue or {}).get(job.job_id, last_seen.get(i, "?"))
             if queue is not None:
                 states = [queue.get(jobs[i].job_id, "?") for i in pending]
                 bar.set_postfix({s.lower(): states.count(s) for s in sorted(set(states))})
