@@ -268,14 +268,12 @@ def _slurm_map[R](fn: Callable[..., R], tasks: Sequence[dict[str, Any]], *, slur
     name = _name(desc)
     gpus = 1 if gpu and slurm.gpus_per_node > 0 else 0
     executor = _executor(slurm, name, gpus_per_node=gpus)
-    folder = Path(slurm.log_folder).resolve() / name
-    record_path = folder / "jobs.json"
+    folder = Path(executor.folder)
     fingerprint = _fingerprint(fn, tasks)
     jobs: list[Any] = [None] * len(tasks)
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if record.get("fingerprint") == fingerprint:
+    if earlier := _earlier_job_ids(folder, fingerprint):
         queue = _queue() or {}
-        for i, job_id in enumerate(record["job_ids"]):
+        for i, job_id in enumerate(earlier):
             job = submitit.SlurmJob(folder=folder, job_id=job_id)
             ok = Path(job.paths.result_pickle).exists() and _succeeded(job)
             if ok or job_id in queue:
@@ -290,10 +288,21 @@ def _slurm_map[R](fn: Callable[..., R], tasks: Sequence[dict[str, Any]], *, slur
             jobs[i] = job
         logger.info("%s: submitted %d task(s) as SLURM job %s; logs in %s", desc, len(todo),
                     submitted[0].job_id.split("_")[0], folder)  # fmt: skip
-    write_json(record_path, {"fingerprint": fingerprint, "job_ids": [j.job_id for j in jobs], "desc": desc})
+    _record_jobs(folder, fingerprint, [j.job_id for j in jobs], desc)
     labels = [", ".join(f"{k}={v}" for k, v in task.items() if k in ("shard", "split", "iteration")) or "job"
               for task in tasks]  # fmt: skip
     return _wait(jobs, desc=desc, labels=labels, poll=slurm.poll_seconds)
+
+
+def _earlier_job_ids(folder: Path, fingerprint: str) -> list[str]:
+    """The job ids recorded for the same work by an earlier run of the stage, or []."""
+    path = folder / "jobs.json"
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return list(record["job_ids"]) if record.get("fingerprint") == fingerprint else []
+
+
+def _record_jobs(folder: Path, fingerprint: str, job_ids: list[str], desc: str) -> None:
+    write_json(folder / "jobs.json", {"fingerprint": fingerprint, "job_ids": job_ids, "desc": desc})
 
 
 def _succeeded(job: Any) -> bool:
@@ -309,21 +318,20 @@ def _slurm_distributed(fn: Callable[..., Any], kwargs: dict[str, Any], *, slurm:
     tasks_per_node = slurm.gpus_per_node or slurm.tasks_per_node
     executor = _executor(slurm, name, gpus_per_node=slurm.gpus_per_node, nodes=slurm.nodes,
                          tasks_per_node=tasks_per_node)  # fmt: skip
-    folder = Path(slurm.log_folder).resolve() / name
-    record_path = folder / "jobs.json"
+    folder = Path(executor.folder)
     same_work = {k: v for k, v in kwargs.items() if k != "run_id"}  # each stage execution has its own MLflow run
     fingerprint = _fingerprint(fn, [same_work], [slurm.nodes, tasks_per_node])
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    earlier = _earlier_job_ids(folder, fingerprint)
     job = None
-    if record.get("fingerprint") == fingerprint and record["job_ids"][0] in (_queue() or {}):
-        job = submitit.SlurmJob(folder=folder, job_id=record["job_ids"][0])
+    if earlier and earlier[0] in (_queue() or {}):
+        job = submitit.SlurmJob(folder=folder, job_id=earlier[0])
         logger.info("%s: SLURM job %s of an earlier submission is still queued or running: waiting for it", desc,
                     job.job_id)  # fmt: skip
     if job is None:
         job = executor.submit(_DistributedTask(fn, kwargs))
         logger.info("%s: submitted SLURM job %s (%d node(s) x %d task(s)); logs in %s", desc, job.job_id,
                     slurm.nodes, tasks_per_node, folder)  # fmt: skip
-        write_json(record_path, {"fingerprint": fingerprint, "job_ids": [job.job_id], "desc": desc})
+        _record_jobs(folder, fingerprint, [job.job_id], desc)
     _wait([job], desc=desc, labels=[f"{slurm.nodes * tasks_per_node} tasks"], poll=slurm.poll_seconds)
 
 
