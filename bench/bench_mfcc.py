@@ -4,10 +4,10 @@ Both read the SAME audio files. The reference is `minimal_hubert.features.comput
 decode, `mfcc` (torchaudio's kaldi MFCC + deltas + delta-deltas) and `torch.save` of one .pt per file, in one
 process, run with torch's default threads and with 1 thread (ratios are against the faster: on a loaded machine,
 torch's 2 OpenMP threads can be many times slower than 1). Ours writes a sharded store with the stage's default
-(workers=2, 1 thread each), also timed from the first shard's start to the last one's end to leave out the
-workers' start-up, and with workers=1 (inline, torch's default threads). Every file's features are checked equal
-(assert_close) to the reference's. The pure compute is timed too (reference `mfcc` file by file vs our
-`mfcc_batch` on 60 s batches, audio already in memory), so that the speedup can be traced to its source.
+(workers=2: two threads, 1 torch thread each) and with workers=1 (inline, torch's default threads). Every file's
+features are checked equal (assert_close) to the reference's. The pure compute is timed too (reference `mfcc` file
+by file vs our `mfcc_batch` on 60 s batches, audio already in memory), so that the speedup can be traced to its
+source.
 
     uv run python bench/bench_mfcc.py                        # 10 minutes of speech, each file listed 6 times (1 hour)
     uv run python bench/bench_mfcc.py --minutes 30 --copies 4  # 30 minutes, each file listed 4 times (2 hours)
@@ -38,10 +38,9 @@ import numpy as np
 import torch
 
 from hubert_pipeline.audio import build_manifest, load_audio, read_manifest, source_of, write_csv
-from hubert_pipeline.features import extract_mfcc, extract_mfcc_shard, mfcc_batch
-from hubert_pipeline.launch import map_tasks
+from hubert_pipeline.features import extract_mfcc, mfcc_batch
 from hubert_pipeline.params import ExecutionParams, MfccParams
-from hubert_pipeline.store import FeatureStore, finalize_store
+from hubert_pipeline.store import FeatureStore
 
 VOICES = ("voice_kal_diphone", "voice_ked_diphone")
 TEXT = Path("/usr/share/common-licenses/GPL-3")
@@ -150,32 +149,6 @@ def _with_threads(threads: int, fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-def _timed_shard(**task: Any) -> tuple[float, float, float]:
-    """extract_mfcc_shard in a worker: its wall-clock start and end, and its CPU time (after the imports it needs)."""
-    import torchcodec.decoders  # noqa: F401  # the rest is imported with this module
-
-    start, cpu = time.time(), time.process_time()
-    extract_mfcc_shard(**task)
-    return start, time.time(), time.process_time() - cpu
-
-
-def _workers_busy(manifest: Path, store: Path, params: MfccParams) -> tuple[float, float]:
-    """extract_mfcc's work with 2 workers: (first shard's start to last shard's end, CPU time of all shards).
-
-    This leaves out the workers' start-up (a spawned process imports torch: seconds) but keeps everything else.
-    """
-    common = {"manifest": str(manifest), "root": str(store), "num_shards": params.num_shards, "dtype": params.dtype}
-    tasks = [
-        {**common, "shard": s, "batch_seconds": params.batch_seconds, "device": "cpu"} for s in range(params.num_shards)
-    ]
-    spans = map_tasks(_timed_shard, tasks, execution=ExecutionParams(workers=2), desc="mfcc")
-    wall, cpu = timed(
-        lambda: finalize_store(store, num_shards=params.num_shards, dim=39, dtype=params.dtype, frame_rate=100.0)
-    )
-    busy = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
-    return busy + wall, sum(c for _, _, c in spans) + cpu
-
-
 def end_to_end(manifest: Path, tmp: Path, *, repeats: int, num_shards: int) -> dict[str, Timing]:
     """Best times of each way to turn the manifest into features, the runs of each interleaved."""
     from minimal_hubert.features import compute_and_save_mfccs
@@ -191,13 +164,10 @@ def end_to_end(manifest: Path, tmp: Path, *, repeats: int, num_shards: int) -> d
             for w in (2, 1)
         },
     }
-    best = {name: Timing() for name in [*runs, "ours-w2-busy"]}
+    best = {name: Timing() for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             best[name].add(*timed(run, lambda d=tmp / name: shutil.rmtree(d, ignore_errors=True)))
-        shutil.rmtree(tmp / "busy", ignore_errors=True)
-        best["ours-w2-busy"].add(*_workers_busy(manifest, tmp / "busy", params))
-    best["ours-w2"].cpu = float("nan")  # the workers' CPU time is not seen from here
     return best
 
 
@@ -218,7 +188,8 @@ def check_equal(manifest: Path, tmp: Path) -> float:
 
 
 def pure_compute(manifest: Path, *, repeats: int) -> dict[str, Timing]:
-    """Best times of the reference `mfcc` file by file and of our `mfcc_batch` on 60 s batches, audio in memory."""
+    """Best times of the reference `mfcc` file by file and of our `mfcc_batch` on 60 s batches, audio in memory;
+    ours also as the stage runs it with 2 workers: 2 threads taking batches, 1 torch thread each."""
     from minimal_hubert.features import mfcc as ref_mfcc
 
     waveforms = [load_audio(source_of(row)) for row in read_manifest(manifest).iter_rows(named=True)]
@@ -228,14 +199,17 @@ def pure_compute(manifest: Path, *, repeats: int) -> dict[str, Timing]:
             batches.append([])
         batches[-1].append(w)
     best: dict[str, Timing] = {}
+    runs: list[tuple[str, int, Callable[[], Any]]] = []
     for threads in sorted({torch.get_num_threads(), 1}, reverse=True):
-        for name, run in (
-            ("reference", lambda: [ref_mfcc(w[None]) for w in waveforms]),
-            ("ours", lambda: [mfcc_batch(b) for b in batches]),
-        ):
-            timing = best.setdefault(f"{name}, {threads} thread(s)", Timing())
+        runs.append((f"reference, {threads} thread(s)", threads, lambda: [ref_mfcc(w[None]) for w in waveforms]))
+        runs.append((f"ours, {threads} thread(s)", threads, lambda: [mfcc_batch(b) for b in batches]))
+    with ThreadPoolExecutor(2) as pool:
+        runs.append(("ours, 2 workers (threads) x 1 thread", 1, lambda: list(pool.map(mfcc_batch, batches))))
+        for name, threads, run in runs:
+            timing = best.setdefault(name, Timing())
             for _ in range(repeats):
                 timing.add(*timed(_with_threads(threads, run)))
+    best["ours, 2 workers (threads) x 1 thread"].cpu = float("nan")  # the pool's threads' CPU time is not seen
     return best
 
 
@@ -284,11 +258,8 @@ def main() -> None:
     print(f"{'':<55} {'audio/wall':>11} {'wall':>9} {'CPU':>9} {'wall':>7} {'CPU':>7}")
     row(f"reference, file by file, {threads} threads (torch's default)", t["ref"])
     row("reference, file by file, 1 thread", t["ref-1"])
-    row("ours, extract_mfcc workers=2 (the stage's default)", t["ours-w2"], base)
-    row("ours, same, first shard's start to last shard's end", t["ours-w2-busy"], base)
+    row("ours, extract_mfcc workers=2 (the stage's default: threads)", t["ours-w2"], base)
     row(f"ours, extract_mfcc workers=1 (inline, {threads} threads)", t["ours-w1"], base)
-    startup = t["ours-w2"].wall - t["ours-w2-busy"].wall
-    print(f"(starting 2 worker processes, which import torch, took about {startup:.1f} s)")
     print("pure compute, audio in memory (reference mfcc per file, ours mfcc_batch on 60 s batches):")
     base = Timing(
         min(c.wall for k, c in compute.items() if k.startswith("reference")),

@@ -4,11 +4,13 @@ import wave
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
 from hubert_pipeline.audio import build_manifest, load_audio, read_manifest, source_of, write_csv
 from hubert_pipeline.features import DIM, extract_mfcc, mfcc, mfcc_batch, num_frames
+from hubert_pipeline.launch import TaskError
 from hubert_pipeline.params import ExecutionParams, MfccParams
 from hubert_pipeline.store import FeatureStore, shard_index_path, shard_path
 
@@ -184,6 +186,29 @@ def test_cli_help_lists_the_defaults() -> None:
     ).stdout
     assert "--num-shards NUM_SHARDS" in out
     assert "(default: 8)" in out
+
+
+def test_two_worker_threads_write_the_same_store_as_one_worker(corpus: Path, tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    extract(corpus, tmp_path / "w1", num_shards=3, workers=1)
+    extract(corpus, tmp_path / "w2", num_shards=3, workers=2)
+    assert torch.get_num_threads() == threads  # the workers' 1 thread each does not stick to the process
+    for s in range(3):
+        assert shard_path(tmp_path / "w2", s).read_bytes() == shard_path(tmp_path / "w1", s).read_bytes()
+        assert shard_index_path(tmp_path / "w2", s).read_text() == shard_index_path(tmp_path / "w1", s).read_text()
+
+
+def test_an_undecodable_file_fails_the_stage_naming_it_and_seals_nothing(corpus: Path, tmp_path: Path) -> None:
+    rows = read_manifest(corpus / "manifest.csv")
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF" + bytes(range(256)) * 8)  # a WAV header that is not one
+    manifest = tmp_path / "manifest.csv"
+    write_csv(pl.concat([rows, pl.DataFrame({"fileid": ["broken"], "path": [str(broken)], "num_samples": [4000]})],
+                        how="diagonal"), manifest)  # fmt: skip
+    with pytest.raises(TaskError, match=r"broken\.wav: cannot be decoded"):
+        extract_mfcc(manifest, tmp_path / "store", params=MfccParams(num_shards=3),
+                     execution=ExecutionParams(workers=2, device="cpu"))  # fmt: skip
+    assert not (tmp_path / "store" / "meta.json").exists()
 
 
 @pytest.mark.slow

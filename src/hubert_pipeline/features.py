@@ -325,7 +325,7 @@ def extract_mfcc(
         }
         for shard in range(params.num_shards)
     ]
-    map_tasks(extract_mfcc_shard, tasks, execution=execution, desc="mfcc")
+    map_tasks(extract_mfcc_shard, tasks, execution=execution, desc="mfcc", threads=True)
     meta = finalize_store(root, num_shards=params.num_shards, dim=DIM, dtype=params.dtype, frame_rate=FRAME_RATE)
     logger.info("%s: %d files, %d frames in %d shards", root, meta.num_files, meta.num_frames, meta.num_shards)
     return meta

@@ -13,6 +13,17 @@ from pathlib import Path
 from typing import IO, Any
 
 
+def _read_umask() -> int:
+    """The process's umask. Reading it means setting it: done once, at import, before any worker thread starts
+    (a thread creating a file between the two calls would get the wrong permissions)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; rename it to `path` only if the block succeeds."""
@@ -21,9 +32,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp_path.chmod(0o666 & ~umask)  # mkstemp makes 0600 files: give outputs the usual permissions
+    tmp_path.chmod(0o666 & ~_UMASK)  # mkstemp makes 0600 files: give outputs the usual permissions
     try:
         yield tmp_path
         with tmp_path.open("rb+") as f:

@@ -2,7 +2,8 @@
 
 Three shapes of work, each with the same call for both executors:
 - `map_tasks(fn, tasks)`: one call of `fn(**task)` per task (a shard). Locally a pool of `execution.workers`
-  spawned processes (inline with one worker); on SLURM one job array, `array_parallelism` tasks at once.
+  spawned processes, or threads for tasks made of torch operations and file I/O (inline with one worker); on
+  SLURM one job array, `array_parallelism` tasks at once.
 - `run_job(fn, kwargs)`: one call (k-means, validation, ABX). Locally inline; on SLURM one job, with one GPU
   when the cluster has them (`gpus_per_node` > 0).
 - `run_distributed(fn, kwargs, processes)`: DDP training. Locally `processes` spawned processes on 127.0.0.1;
@@ -29,7 +30,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -63,26 +64,44 @@ def map_tasks[R](
     execution: ExecutionParams,
     desc: str,
     gpu: bool = False,
+    threads: bool = False,
 ) -> list[R]:
-    """Run fn(**task) for every task and return the results in task order. `gpu`: a task can use a GPU."""
+    """Run fn(**task) for every task and return the results in task order. `gpu`: a task can use a GPU.
+
+    `threads`: the local pool is made of threads, not spawned processes, for tasks that spend their time in torch
+    operations and file I/O (both release the GIL). Starting a process that imports torch costs seconds, often
+    more than a shard's work; threads start at once and scale as well on such tasks (bench/bench_mfcc.py).
+    """
     if execution.executor == "slurm":
         return _slurm_map(fn, tasks, slurm=execution.slurm, desc=desc, gpu=gpu)
     workers = min(execution.workers, len(tasks))
     if workers <= 1:
         return [fn(**task) for task in tqdm(tasks, desc=desc)]
+    per_worker = max(1, (mp.cpu_count() or 1) // workers)
+    pool: Executor
+    if threads:
+        import torch
+
+        default_threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(workers, initializer=_limit_threads, initargs=(per_worker,))
+    else:
+        ctx = mp.get_context("spawn")
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_limit_threads, initargs=(per_worker,))
     results: dict[int, R] = {}
-    threads = max(1, (mp.cpu_count() or 1) // workers)
-    ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_limit_threads, initargs=(threads,)) as pool:
-        futures = {pool.submit(fn, **task): i for i, task in enumerate(tasks)}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
-            i = futures[future]
-            try:
-                results[i] = future.result()
-            except Exception as e:
-                for f in futures:
-                    f.cancel()
-                raise TaskError(f"{desc}: task {i} ({tasks[i]}) failed: {type(e).__name__}: {e}") from e
+    try:
+        with pool:
+            futures = {pool.submit(fn, **task): i for i, task in enumerate(tasks)}
+            for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except Exception as e:
+                    for f in futures:
+                        f.cancel()
+                    raise TaskError(f"{desc}: task {i} ({tasks[i]}) failed: {type(e).__name__}: {e}") from e
+    finally:
+        if threads:
+            torch.set_num_threads(default_threads)  # the workers' setting is the process's
     return [results[i] for i in range(len(tasks))]
 
 

@@ -147,7 +147,7 @@ def units_for_split(
         {"store": str(store_root), "centroids": str(centroids), "parts": str(parts), "shard": s}
         for s in range(store.meta.num_shards)
     ]
-    map_tasks(transcribe_shard, tasks, execution=execution, desc=f"units {Path(output).stem}")
+    map_tasks(transcribe_shard, tasks, execution=execution, desc=f"units {Path(output).stem}", threads=True)
     units: dict[str, list[int]] = {}
     for s in range(store.meta.num_shards):
         units.update(json.loads((parts / f"shard-{s:05d}.json").read_text()))
