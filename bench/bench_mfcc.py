@@ -11,12 +11,12 @@ source.
 
     uv run python bench/bench_mfcc.py                        # 10 minutes of speech, each file listed 6 times (1 hour)
     uv run python bench/bench_mfcc.py --minutes 30 --copies 4  # 30 minutes, each file listed 4 times (2 hours)
-    uv run python bench/bench_mfcc.py --manifest data/manifests/train.csv --copies 1  # a real manifest as it is
+    uv run python bench/bench_mfcc.py --manifest outputs/manifests/train.csv --copies 1  # a real manifest as it is
 
 Without --manifest, speech is synthesized with festival's `text2wave` (voices kal and ked) from the GPL-3 text in
 /usr/share/common-licenses, cut into utterances of 5 to 15 s. `--copies N` lists every file N times under new file
-ids (symbolic links): the reference takes about 0.3 s for 10 minutes, which would time fixed costs (worker start-up,
-opening shards) more than the work itself.
+ids (symbolic links): the reference takes about 0.3 s for 10 minutes, which would time fixed costs (reading the
+manifest, opening and sealing shards) more than the work itself.
 """
 
 import argparse

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     import numpy as np
+    import polars as pl
     import torch
 
     from hubert_pipeline.params import ExecutionParams, MfccParams
@@ -120,9 +121,10 @@ def _layout(waveforms: list["torch.Tensor"], device: "torch.device") -> tuple["t
     for w in waveforms:
         first.append(offset)
         offset += -(-w.shape[0] // SHIFT)  # ceil
-    flat = torch.zeros(offset * SHIFT, dtype=torch.float32, device=device)
+    flat = torch.empty(offset * SHIFT, dtype=torch.float32, device=device)
     for w, row in zip(waveforms, first, strict=True):
         flat[row * SHIFT : row * SHIFT + w.shape[0]] = w
+        flat[row * SHIFT + w.shape[0] : (row + -(-w.shape[0] // SHIFT)) * SHIFT] = 0.0  # the gap after it
     return flat, first, counts
 
 
@@ -147,16 +149,16 @@ def _log_mel(flat: "torch.Tensor", rows: int, chunk_rows: int) -> "torch.Tensor"
     frames = emphasized.as_strided((rows, WINDOW), (SHIFT, 1))  # (rows, 400) view, no copy
 
     chunk_rows = min(chunk_rows, rows)
-    padded = torch.zeros(chunk_rows, FFT_SIZE, device=flat.device)  # columns 400: stay 0
-    spectrum = torch.empty(chunk_rows, FFT_SIZE // 2 + 1, dtype=torch.complex64, device=flat.device)
+    padded = torch.empty(chunk_rows, FFT_SIZE, device=flat.device)
+    padded[:, WINDOW:] = 0.0  # stays 0
     mel = [torch.empty(rows, MEL_BLOCK, device=flat.device) for _ in banks]
     for start in range(0, rows, chunk_rows):
         n = min(chunk_rows, rows - start)
         signal = padded[:n, :WINDOW]
         torch.sub(frames[start : start + n], offsets[start : start + n, None], out=signal)
         signal.mul_(window)
-        torch.fft.rfft(padded[:n], out=spectrum[:n])
-        power = torch.view_as_real(spectrum[:n]).square_().view(n, 2 * (FFT_SIZE // 2 + 1))  # re², im² interleaved
+        spectrum = torch.fft.rfft(padded[:n])  # (with out=, the FFT writes a temporary and copies it)
+        power = torch.view_as_real(spectrum).square_().view(n, 2 * (FFT_SIZE // 2 + 1))  # re², im² interleaved
         for (bins, block), out in zip(banks, mel, strict=True):
             torch.mm(power[:, bins], block, out=out[start : start + n])
     return torch.cat(mel, dim=1)[:, :NUM_MEL_BINS].clamp_min(FLOAT32_EPSILON).log_()
@@ -253,6 +255,16 @@ def _resumable_frames(root: Path, shard: int, fileids: list[str], dtype: str) ->
     return sum(length for _, _, length in index)
 
 
+@functools.lru_cache(maxsize=4)
+def _sharded_manifest(manifest: str, num_shards: int, stamp: tuple[int, int]) -> "pl.DataFrame":  # noqa: ARG001
+    """The manifest with its shard column, read once for all the shards one process computes (`stamp`: the
+    file's mtime and size, so that a changed manifest is read again)."""
+    from hubert_pipeline.audio import read_manifest
+    from hubert_pipeline.store import assign_shards
+
+    return assign_shards(read_manifest(manifest), num_shards)
+
+
 def extract_mfcc_shard(
     manifest: str,
     root: str,
@@ -267,10 +279,11 @@ def extract_mfcc_shard(
 
     A shard already complete for the same files and dtype is left as it is (resume).
     """
-    from hubert_pipeline.audio import load_audio, read_manifest, source_of
-    from hubert_pipeline.store import assign_shards, write_shard
+    from hubert_pipeline.audio import load_audio, source_of
+    from hubert_pipeline.store import write_shard
 
-    rows = assign_shards(read_manifest(manifest), num_shards).filter(shard=shard).to_dicts()
+    stat = Path(manifest).stat()
+    rows = _sharded_manifest(manifest, num_shards, (stat.st_mtime_ns, stat.st_size)).filter(shard=shard).to_dicts()
     fileids = [row["fileid"] for row in rows]
     if (frames := _resumable_frames(Path(root), shard, fileids, dtype)) is not None:
         logger.info("shard %d of %s is complete: skipped", shard, root)
