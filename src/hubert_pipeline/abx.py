@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from hubert_pipeline.kmeans import resolve_device
+
 if TYPE_CHECKING:
     import polars as pl
     import torch
@@ -101,13 +103,6 @@ def find_audio(fileids: list[str], audio_root: str | Path, extension: str = ".wa
     return found
 
 
-def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"."""
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def layer_names(model: "HuBERT | None", max_layers: int | None) -> list[str]:
     if model is None:
         return []
@@ -138,7 +133,7 @@ def extract_features(
     from hubert_pipeline.audio import AudioSource, load_audio
     from hubert_pipeline.features import mfcc
 
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     layers = layer_names(model, max_layers)
     features: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["mfcc", *layers]}
     was_training = model.training if model is not None else False
@@ -254,7 +249,7 @@ def abx_per_layer(
     if speakers < 2:  # noqa: PLR2004
         logger.warning("%s has %d speaker: across-speaker ABX is not defined, reported as NaN", items, speakers)
     logger.info("ABX: %d items, %d files, %d speakers in %s", len(labels), len(paths), speakers, items)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     if isinstance(model, str):
         from hubert_pipeline.model import HuBERT
 

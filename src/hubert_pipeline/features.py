@@ -305,15 +305,6 @@ def extract_mfcc_shard(
     return frames
 
 
-def resolve_device(device: str) -> str:
-    """ "auto" -> "cuda" when a GPU is visible, else "cpu"."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def extract_mfcc(
     manifest: str | Path,
     root: str | Path,
@@ -322,10 +313,11 @@ def extract_mfcc(
     execution: "ExecutionParams",
 ) -> "StoreMeta":
     """MFCC of every file of a manifest into a sharded feature store at `root` (one task per shard, resumable)."""
+    from hubert_pipeline.kmeans import resolve_device
     from hubert_pipeline.launch import map_tasks
     from hubert_pipeline.store import finalize_store
 
-    device = resolve_device(execution.device)
+    device = str(resolve_device(execution.device))
     tasks = [
         {
             "manifest": str(manifest),
@@ -374,14 +366,15 @@ if __name__ == "__main__":
     from hubert_pipeline.features import (
         extract_mfcc as extract,
     )  # workers unpickle the library function, not __main__'s
-    from hubert_pipeline.features import extract_mfcc_shard, resolve_device
+    from hubert_pipeline.features import extract_mfcc_shard
+    from hubert_pipeline.kmeans import resolve_device
 
     if args.shard is not None:
         if not 0 <= args.shard < args.num_shards:
             parser.error(f"--shard {args.shard} is not in [0, --num-shards {args.num_shards})")
         extract_mfcc_shard(
             manifest=args.manifest, root=args.store, shard=args.shard, num_shards=args.num_shards, dtype=args.dtype,
-            batch_seconds=args.batch_seconds, device=resolve_device(args.device),
+            batch_seconds=args.batch_seconds, device=str(resolve_device(args.device)),
         )  # fmt: skip
         raise SystemExit(0)
     extract(
