@@ -50,7 +50,7 @@ def english_paragraphs() -> Iterator[str]:
     """Plain English paragraphs of 80 words (~30 s of speech) from standard-library documentation, always the same."""
     text = []
     for name in TEXT_MODULES:
-        doc = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+        doc = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)  # ty: ignore[missing-attribute]  (not in typeshed)
         words = [w for w in doc.split() if w.isascii() and w.strip(".,;:").isalpha()]
         text.extend(words)
     for start in range(0, len(text), 80):

@@ -238,7 +238,7 @@ def main() -> None:
             print(f"synthesized {args.minutes} min of speech in {time.perf_counter() - start:.1f} s")
         manifest = copies_of(manifest, args.copies, tmp / "copies")
         df = read_manifest(manifest)
-        audio_seconds = df["num_samples"].sum() / SAMPLE_RATE
+        audio_seconds = int(df["num_samples"].sum()) / SAMPLE_RATE
         print(f"{df.height} files, {audio_seconds / 60:.1f} min of audio, each file listed {args.copies} time(s)")
         t = end_to_end(manifest, tmp, repeats=args.repeats, num_shards=args.num_shards)
         worst = check_equal(manifest, tmp)

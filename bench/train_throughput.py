@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,7 @@ def batch_digest(batch: Any) -> str:
 
 
 @contextlib.contextmanager
-def reference_sized_as(cfg: Any, size: str) -> Iterator[None]:
+def reference_sized_as(cfg: Any, size: str) -> Generator[None]:
     """minimal_hubert's model code, with our preset's values where it hard-codes base/large/xlarge ones."""
     from minimal_hubert import model as ref
     from minimal_hubert.config import HuBERTConfig

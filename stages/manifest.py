@@ -37,7 +37,7 @@ if __name__ == "__main__":
     with stage_run("manifest", mlflow_params=params.mlflow, params={"manifest": params.manifest, "data": params.data}):
         for split, (manifest, _) in results.items():
             write_csv(manifest, out / f"{split}.csv")
-            hours = manifest["num_samples"].sum() / 16_000 / 3600
+            hours = int(manifest["num_samples"].sum()) / 16_000 / 3600
             mlflow.log_metrics({f"{split}_files": manifest.height, f"{split}_hours": hours})
         skipped = pl.concat([s.with_columns(pl.lit(split).alias("split")) for split, (_, s) in results.items()])
         write_csv(skipped, out / "skipped.csv")

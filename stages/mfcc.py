@@ -23,7 +23,7 @@ if __name__ == "__main__":
     with stage_run("mfcc", mlflow_params=params.mlflow, params={"mfcc": params.mfcc, "execution": params.execution}):
         for split in ("train", "valid"):
             manifest = Path(args.manifests) / f"{split}.csv"
-            audio_seconds = read_manifest(manifest)["num_samples"].sum() / 16_000
+            audio_seconds = int(read_manifest(manifest)["num_samples"].sum()) / 16_000
             start = time.perf_counter()
             meta = extract_mfcc(manifest, Path(args.output) / split, params=params.mfcc, execution=params.execution)
             seconds = time.perf_counter() - start

@@ -3,6 +3,7 @@ import json
 import math
 import re
 import wave
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,8 @@ def test_a_short_text_is_read_again_by_other_speakers_and_a_smaller_rerun_remove
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps.\n\nA second, rather short sentence here.\n\nThird one: the end.\n")
     params = DemoParams(train_minutes=0.3, valid_minutes=0.05, abx_minutes=0.05, voices=("kal",), speeds=(1.0, 1.1))
-    synthesize_demo(tmp_path / "out", DemoParams(**{**params.__dict__, "text": str(text), "train_minutes": 0.5}))
-    summary = synthesize_demo(tmp_path / "out", DemoParams(**{**params.__dict__, "text": str(text)}))
+    synthesize_demo(tmp_path / "out", replace(params, text=str(text), train_minutes=0.5))
+    summary = synthesize_demo(tmp_path / "out", replace(params, text=str(text)))
     train = read_alignments(tmp_path / "out", "train")
     assert summary["splits"]["train"]["minutes"] >= 0.3
     assert len({tuple(phone for _, _, phone in r["phones"]) for r in train}) == 1  # one utterance, read again

@@ -2,6 +2,7 @@ import subprocess
 import sys
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -25,7 +26,7 @@ SENTENCES = (
 )
 # cut from the first sentence: shorter than one frame, exactly one frame, one sample more, two frames, one second
 PIECES = {"short": 399, "exact": 400, "plus1": 401, "two": 560, "second": 16_000}
-TOLERANCE = {"rtol": 1e-4, "atol": 1e-3}
+TOLERANCE: dict[str, Any] = {"rtol": 1e-4, "atol": 1e-3}
 
 
 def reference_mfcc(waveform: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def waveforms(corpus: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def extract(corpus: Path, store: Path, *, workers: int = 1, **params: object) -> None:
+def extract(corpus: Path, store: Path, *, workers: int = 1, **params: Any) -> None:
     extract_mfcc(
         corpus / "manifest.csv",
         store,

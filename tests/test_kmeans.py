@@ -2,6 +2,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from hubert_pipeline.kmeans import (
 )
 from hubert_pipeline.store import FeatureStore, finalize_store, write_shard
 
-FIT = {
+FIT: dict[str, Any] = {
     "fit_fraction": 1.0,
     "seed": 0,
     "max_iter": 100,
@@ -30,6 +31,11 @@ FIT = {
     "chunk_frames": 100_000,
     "device": "cpu",
 }
+
+
+def fit_with(**overrides: Any) -> dict[str, Any]:
+    """FIT's arguments with some changed."""
+    return FIT | overrides
 
 
 def make_store(root: Path, frames: np.ndarray, *, files: int = 20, shards: int = 2) -> FeatureStore:
@@ -96,7 +102,7 @@ def test_streaming_fit_matches_in_memory_fit_without_holding_the_frames(overlapp
 
     monkeypatch.setattr(FeatureStore, "iter_chunks", spy)
     with caplog.at_level("INFO", logger="hubert_pipeline.kmeans"):
-        streamed = fit_kmeans(store, k=12, **(FIT | {"chunk_frames": 250}))
+        streamed = fit_kmeans(store, k=12, **fit_with(chunk_frames=250))
     assert "streamed" in caplog.text
     assert max(chunk_sizes) <= 250
     assert passes >= streamed.n_iter + 2  # the init sample, then one pass over the store per iteration
@@ -107,7 +113,7 @@ def test_streaming_fit_matches_in_memory_fit_without_holding_the_frames(overlapp
 
 def test_inertia_is_no_worse_than_sklearn_minibatch_kmeans(overlapping):
     store, frames = overlapping
-    ours = fit_kmeans(store, k=12, **(FIT | {"tol": 1e-4, "n_init": 3}))
+    ours = fit_kmeans(store, k=12, **fit_with(tol=1e-4, n_init=3))
     reference = MiniBatchKMeans(  # the recipe's settings (minimal_hubert.kmeans.build_kmeans), smaller batches
         12, init="k-means++", max_iter=100, batch_size=1000, random_state=0, tol=0.0, max_no_improvement=100, n_init=20
     ).fit(frames)
@@ -132,7 +138,7 @@ def test_empty_clusters_are_reseeded_with_the_farthest_frames():
 
 def test_fit_on_a_fraction_uses_only_the_sampled_files(overlapping):
     store, _ = overlapping
-    result = fit_kmeans(store, k=5, **(FIT | {"fit_fraction": 0.25}))
+    result = fit_kmeans(store, k=5, **fit_with(fit_fraction=0.25))
     sampled = store.sample_fileids(0.25, seed=0)
     assert result.num_files == len(sampled) == 5
     assert result.num_frames == sum(len(store.get(f)) for f in sampled)
@@ -177,7 +183,7 @@ def test_empty_store_is_refused_naming_its_folder(tmp_path, files):
 @pytest.mark.parametrize(("key", "value"), [("k", 0), ("fit_fraction", 0.0), ("n_init", 0), ("chunk_frames", 0)])
 def test_invalid_arguments_are_refused_naming_the_param(overlapping, key, value):
     store, _ = overlapping
-    arguments = {"k": 3} | FIT | {key: value}
+    arguments: dict[str, Any] = {"k": 3} | FIT | {key: value}
     with pytest.raises(ValueError, match=rf"kmeans\.{key} must be"):
         fit_kmeans(store, **arguments)
 
@@ -265,7 +271,7 @@ def test_cuda_fit_matches_cpu_fit(tmp_path):
     frames, _ = blobs(centers=6, dim=4, frames=3000, spread=0.3)
     store = make_store(tmp_path / "store", frames)
     cpu = fit_kmeans(store, k=6, **FIT)
-    cuda = fit_kmeans(store, k=6, **(FIT | {"device": "cuda"}))
+    cuda = fit_kmeans(store, k=6, **fit_with(device="cuda"))
     assert cuda.centroids.device == torch.device("cpu")
     torch.testing.assert_close(cuda.centroids, cpu.centroids, rtol=1e-4, atol=1e-4)
     assert cuda.inertia == pytest.approx(cpu.inertia, rel=1e-4)

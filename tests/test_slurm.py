@@ -167,7 +167,9 @@ def test_a_cancelled_array_task_fails_the_stage_with_its_log_path(projects, tmp_
     assert message, output[-3000:]
     assert f"SLURM job {victim}" in message.group(1)
     assert "CANCELLED" in message.group(1)
-    log = re.search(r"log: (\S+)", message.group(1)).group(1)
+    log_match = re.search(r"log: (\S+)", message.group(1))
+    assert log_match, message.group(1)
+    log = log_match.group(1)
     assert log.startswith(str(project / "logs" / "slurm" / "mfcc"))
     assert log.endswith("_log.err")
     assert not (project / "outputs/features/mfcc/train/meta.json").exists()  # never taken for complete
@@ -201,7 +203,9 @@ def test_preempted_training_checkpoints_requeues_and_resumes(projects, tmp_path)
     output, _ = stage.communicate(timeout=600)
     assert stage.returncode == 0, output[-5000:]
     info = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, check=True).stdout
-    assert int(re.search(r"Restarts=(\d+)", info).group(1)) >= 1  # requeued
+    restarts = re.search(r"Restarts=(\d+)", info)
+    assert restarts, info
+    assert int(restarts.group(1)) >= 1  # requeued
     steps = sorted(int(p.stem.removeprefix("step_")) for p in ckpts.glob("step_*.pt"))
     extra = [s for s in steps if s % 6]
     assert len(extra) == 1  # the checkpoint taken on the signal

@@ -2,6 +2,7 @@
 
 import json
 import socket
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -77,7 +78,7 @@ def run_train(manifest, out, cfg=CFG, *, stop_at=None, overrides=NO_DROPOUT):
 
 
 def test_checkpoints_are_saved_every_interval_exactly_and_at_the_end(manifest, tmp_path):
-    cfg = TrainParams(**{**CFG.__dict__, "max_steps": 5})
+    cfg = replace(CFG, max_steps=5)
     run_train(manifest, tmp_path, cfg)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4, 5]
     state = torch.load(tmp_path / "step_00000005.pt", weights_only=True)
@@ -103,14 +104,14 @@ def test_resumed_run_gives_the_losses_and_weights_of_an_uninterrupted_run(manife
 
 @pytest.mark.slow
 def test_training_loss_falls_on_learnable_units(manifest, tmp_path):
-    cfg = TrainParams(**{**CFG.__dict__, "max_steps": 40, "warmup_steps": 5, "save_interval": 20, "lr": 2e-3})
+    cfg = replace(CFG, max_steps=40, warmup_steps=5, save_interval=20, lr=2e-3)
     losses = run_train(manifest, tmp_path, cfg)
     first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(36, 41)])
     assert last < first - 0.15, (first, last)
 
 
 def test_non_finite_loss_stops_training_with_an_error_naming_the_step(manifest, tmp_path):
-    cfg = TrainParams(**{**CFG.__dict__, "lr": 1e30, "warmup_steps": 0, "max_steps": 20, "grad_clip": 1e30})
+    cfg = replace(CFG, lr=1e30, warmup_steps=0, max_steps=20, grad_clip=1e30)
     with pytest.raises(NonFiniteLossError, match=r"at step \d+"):
         run_train(manifest, tmp_path, cfg)
 
@@ -144,12 +145,12 @@ def _ddp_worker(rank, port, manifest, out, cfg):
 
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes_matches_one_process_at_the_same_global_batch(manifest, tmp_path):
-    cfg = TrainParams(**{**CFG.__dict__, "max_steps": 4, "max_batch_samples": 2 * 48_000})
+    cfg = replace(CFG, max_steps=4, max_batch_samples=2 * 48_000)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(manifest), str(tmp_path / "ddp"), cfg), nprocs=2)
-    run_train(manifest, tmp_path / "single", TrainParams(**{**cfg.__dict__, "accumulate": 2}))
+    run_train(manifest, tmp_path / "single", replace(cfg, accumulate=2))
     a = torch.load(tmp_path / "single" / "step_00000004.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "ddp" / "step_00000004.pt", weights_only=True)["model"]
     for key in a:
@@ -157,14 +158,14 @@ def test_ddp_with_two_cpu_processes_matches_one_process_at_the_same_global_batch
 
 
 def test_checkpoints_of_another_configuration_are_not_resumed(manifest, tmp_path):
-    run_train(manifest, tmp_path, TrainParams(**{**CFG.__dict__, "max_steps": 2}))
-    other = TrainParams(**{**CFG.__dict__, "max_steps": 4, "lr": 5e-4})  # another experiment in the same folder
+    run_train(manifest, tmp_path, replace(CFG, max_steps=2))
+    other = replace(CFG, max_steps=4, lr=5e-4)  # another experiment in the same folder
     losses = run_train(manifest, tmp_path, other)
     assert sorted(losses) == [1, 2, 3, 4]  # trained from step 0, not resumed from step 2
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4]
 
 
 def test_raising_max_steps_resumes_the_same_run(manifest, tmp_path):
-    run_train(manifest, tmp_path, TrainParams(**{**CFG.__dict__, "max_steps": 2}))
-    losses = run_train(manifest, tmp_path, TrainParams(**{**CFG.__dict__, "max_steps": 4}))
+    run_train(manifest, tmp_path, replace(CFG, max_steps=2))
+    losses = run_train(manifest, tmp_path, replace(CFG, max_steps=4))
     assert sorted(losses) == [3, 4]

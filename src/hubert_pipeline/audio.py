@@ -13,11 +13,14 @@ import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import polars as pl
 
 from hubert_pipeline.io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def _pcm_wav(source: AudioSource) -> tuple[bytes, int, int] | None:
     return frames, rate, channels
 
 
-def load_audio(source: AudioSource) -> "torch.Tensor":  # type: ignore[name-defined]  # noqa: F821
+def load_audio(source: AudioSource) -> "torch.Tensor":
     """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
     if (pcm := _pcm_wav(source)) is not None:
         import numpy as np

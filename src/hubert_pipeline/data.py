@@ -69,9 +69,9 @@ class LabeledSpeech(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Tensor, Tensor]:
-        batch_number, index = key
-        row = self.rows[index]
+    def __getitem__(self, index: tuple[int, int]) -> tuple[int, Tensor, Tensor]:
+        batch_number, position = index  # the sampler yields (batch number, row)
+        row = self.rows[position]
         waveform = load_audio(source_of(row))
         if self.normalize:
             waveform = F.layer_norm(waveform, waveform.shape)

@@ -363,10 +363,9 @@ if __name__ == "__main__":
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from hubert_pipeline.features import (
-        extract_mfcc as extract,
-    )  # workers unpickle the library function, not __main__'s
-    from hubert_pipeline.features import extract_mfcc_shard
+    # SLURM workers unpickle the library's functions, not __main__'s
+    from hubert_pipeline.features import extract_mfcc as extract  # ty: ignore[missing-module-member]
+    from hubert_pipeline.features import extract_mfcc_shard  # ty: ignore[missing-module-member]
     from hubert_pipeline.kmeans import resolve_device
 
     if args.shard is not None:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
 from tqdm import tqdm
 
 from hubert_pipeline.io import write_json
@@ -263,7 +264,7 @@ def _wait(jobs: list[Any], *, desc: str, labels: list[str], poll: float) -> list
                 if Path(job.paths.result_pickle).exists():
                     try:
                         results[i] = job.result()
-                    except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
+                    except (FailedJobError, UncompletedJobError) as e:
                         raise fail(i, f"failed: {_error_line(str(e))}") from None
                     pending.discard(i)
                     bar.update()

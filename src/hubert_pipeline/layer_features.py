@@ -9,6 +9,7 @@ Layer outputs are the transformer layers' outputs (`before_residual=False`), as 
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -20,12 +21,15 @@ from hubert_pipeline.launch import map_tasks
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import StoreMeta, assign_shards, finalize_store, is_shard_complete, write_shard
 
+if TYPE_CHECKING:
+    from hubert_pipeline.model import HuBERT
+
 logger = logging.getLogger(__name__)
 
 FRAME_RATE = 50.0
 
 
-def load_teacher(source: str, layer: int, device: str) -> "tuple[torch.nn.Module, torch.device]":
+def load_teacher(source: str, layer: int, device: str) -> "tuple[HuBERT, torch.device]":
     from hubert_pipeline.model import HuBERT
 
     model = HuBERT.from_pretrained(source)
@@ -38,7 +42,7 @@ def load_teacher(source: str, layer: int, device: str) -> "tuple[torch.nn.Module
 
 
 @torch.no_grad()
-def layer_output(model: torch.nn.Module, waveform: torch.Tensor, layer: int, *, normalize: bool) -> torch.Tensor:
+def layer_output(model: "HuBERT", waveform: torch.Tensor, layer: int, *, normalize: bool) -> torch.Tensor:
     """(frames, D) output of transformer layer `layer` (1-based) for one waveform (T,)."""
     if normalize:
         waveform = torch.nn.functional.layer_norm(waveform, waveform.shape)

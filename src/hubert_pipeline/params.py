@@ -9,9 +9,12 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -220,14 +223,14 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: C901, PLR
     raise ParamsError(f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
 
 
-def build[T](cls: type[T], section: Any, where: str) -> T:
+def build[T: "DataclassInstance"](cls: type[T], section: Any, where: str) -> T:
     """Build dataclass `cls` from a mapping, naming `where` (e.g. `params.yaml:kmeans.k`) in every error."""
     if section is None:
         section = {}
     if not isinstance(section, dict):
         raise ParamsError(f"{where}: expected a mapping, got {section!r}")
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    names = {f.name for f in dataclasses.fields(cls)}
     if unknown := sorted(set(section) - names):
         raise ParamsError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(names)}")
     kwargs = {key: _convert(value, hints[key], f"{where}.{key}") for key, value in section.items()}

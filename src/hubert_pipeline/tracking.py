@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ def stage_run(
     mlflow_params: MlflowParams,
     params: dict[str, Any] | None = None,
     iteration: int | None = None,
-) -> Iterator[Any]:
+) -> Generator[Any]:
     """An MLflow run for one execution of a stage, tagged with stage, iteration, git revision and DVC experiment."""
     import mlflow
 
@@ -124,7 +124,7 @@ def stage_run(
         yield run
 
 
-def metric_logger(run_id: str, uri: str) -> Callable[[dict[str, float], int], None]:
+def metric_logger(run_id: str, uri: str | None) -> Callable[[dict[str, float], int], None]:
     """A `log_fn(metrics, step)` that logs to an existing run; usable from any process (e.g. DDP rank 0)."""
     import time
 

@@ -20,12 +20,15 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import distributed as dist
 
 from hubert_pipeline.params import TrainParams
+
+if TYPE_CHECKING:
+    from hubert_pipeline.model import Size
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
     out_dir: str | Path,
     *,
     cfg: TrainParams,
-    model_size: str,
+    model_size: "Size",
     model_overrides: dict[str, Any] | None = None,
     num_classes: int,
     log_fn: LogFn | None = None,
@@ -231,7 +234,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
 
     forward_model: torch.nn.Module = model
     if cfg.compile and device.type == "cuda":
-        forward_model = torch.compile(model, dynamic=True)  # type: ignore[assignment]
+        forward_model = cast("torch.nn.Module", torch.compile(model, dynamic=True))
     if env.world_size > 1:
         forward_model = DistributedDataParallel(
             forward_model,
@@ -286,7 +289,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
                 stats = torch.zeros(4, device=device)  # loss sum, correct, penalty sum (x frames), frames
                 for i, batch in enumerate(micro):
                     sync = i == len(micro) - 1 or env.world_size == 1
-                    ctx = nullcontext() if sync else forward_model.no_sync()  # type: ignore[operator]
+                    ctx = nullcontext() if sync else cast("DistributedDataParallel", forward_model).no_sync()
                     with ctx, torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
                         frame_loss, out = forward_model(
                             batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask
@@ -329,7 +332,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
                     "train_loss": float(stats[0]) / f,
                     "train_accuracy": float(stats[1]) / f,
                     "train_feature_penalty": float(stats[2]) / f,
-                    "lr": lr,
+                    "lr": float(lr),
                     "grad_norm": float(grad_norm),
                 }
                 for key, value in metrics.items():

@@ -15,6 +15,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import polars as pl
@@ -35,6 +36,10 @@ class LengthMismatchError(ValueError):
     """Units and audio disagree on length by more than the tolerance; the message names the files."""
 
 
+@overload
+def model_frames(num_samples: int) -> int: ...
+@overload
+def model_frames(num_samples: np.ndarray) -> np.ndarray: ...
 def model_frames(num_samples: int | np.ndarray) -> int | np.ndarray:
     """Frames of HuBERT's conv feature extractor for a waveform of `num_samples` (spidr's conv_length)."""
     length = num_samples
