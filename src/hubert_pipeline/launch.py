@@ -92,14 +92,17 @@ def map_tasks[R](
     try:
         with pool:
             futures = {pool.submit(fn, **task): i for i, task in enumerate(tasks)}
-            for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
-                i = futures[future]
-                try:
-                    results[i] = future.result()
-                except Exception as e:
-                    for f in futures:
-                        f.cancel()
-                    raise TaskError(f"{desc}: task {i} ({tasks[i]}) failed: {type(e).__name__}: {e}") from e
+            try:
+                for future in tqdm(as_completed(futures), total=len(futures), desc=desc):
+                    i = futures[future]
+                    try:
+                        results[i] = future.result()
+                    except Exception as e:
+                        raise TaskError(f"{desc}: task {i} ({tasks[i]}) failed: {type(e).__name__}: {e}") from e
+            except BaseException:  # a failed task or Ctrl-C: the queued tasks are dropped, the running ones finish
+                for f in futures:
+                    f.cancel()
+                raise
     finally:
         if threads:
             torch.set_num_threads(default_threads)  # the workers' setting is the process's
