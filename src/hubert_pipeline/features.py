@@ -116,16 +116,14 @@ def _layout(waveforms: list["torch.Tensor"], device: "torch.device") -> tuple["t
     import torch
 
     counts = [num_frames(w.shape[0]) for w in waveforms]
-    first: list[int] = []
-    offset = 0  # in frames
+    starts = [0]  # in samples: each utterance's slot is its length rounded up to a multiple of SHIFT
     for w in waveforms:
-        first.append(offset)
-        offset += -(-w.shape[0] // SHIFT)  # ceil
-    flat = torch.empty(offset * SHIFT, dtype=torch.float32, device=device)
-    for w, row in zip(waveforms, first, strict=True):
-        flat[row * SHIFT : row * SHIFT + w.shape[0]] = w
-        flat[row * SHIFT + w.shape[0] : (row + -(-w.shape[0] // SHIFT)) * SHIFT] = 0.0  # the gap after it
-    return flat, first, counts
+        starts.append(starts[-1] + -(-w.shape[0] // SHIFT) * SHIFT)
+    flat = torch.empty(starts[-1], dtype=torch.float32, device=device)
+    for w, start, end in zip(waveforms, starts, starts[1:], strict=False):
+        flat[start : start + w.shape[0]] = w
+        flat[start + w.shape[0] : end] = 0.0  # the gap before the next one
+    return flat, [start // SHIFT for start in starts[:-1]], counts
 
 
 def _log_mel(flat: "torch.Tensor", rows: int, chunk_rows: int) -> "torch.Tensor":
