@@ -110,6 +110,11 @@ def _pcm_wav(source: AudioSource) -> tuple[bytes, int, int] | None:
     return frames, rate, channels
 
 
+def _check_format(source: AudioSource, rate: int, channels: int) -> None:
+    if rate != SAMPLE_RATE or channels != 1:
+        raise BadAudioError(f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz")
+
+
 def load_audio(source: AudioSource) -> "torch.Tensor":
     """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
     if (pcm := _pcm_wav(source)) is not None:
@@ -117,19 +122,14 @@ def load_audio(source: AudioSource) -> "torch.Tensor":
         import torch
 
         frames, rate, channels = pcm
-        if rate != SAMPLE_RATE or channels != 1:
-            raise BadAudioError(f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz")
+        _check_format(source, rate, channels)
         # x * 2^-15 is exactly x / 32768 in float32; one pass, no int16 -> float32 temporary
         return torch.from_numpy(np.multiply(np.frombuffer(frames, "<i2"), np.float32(1 / 32768), dtype=np.float32))
     try:
         samples = _decoder(source).get_all_samples()
     except Exception as e:  # the decoder's message does not name the file
         raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
-    if samples.sample_rate != SAMPLE_RATE or samples.data.shape[0] != 1:
-        raise BadAudioError(
-            f"{source}: expected mono {SAMPLE_RATE} Hz, "
-            f"got {samples.data.shape[0]} channel(s) at {samples.sample_rate} Hz"
-        )
+    _check_format(source, samples.sample_rate, samples.data.shape[0])
     return samples.data[0]
 
 
