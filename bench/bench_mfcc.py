@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import wave
@@ -213,6 +214,18 @@ def pure_compute(manifest: Path, *, repeats: int) -> dict[str, Timing]:
     return best
 
 
+def kernel_startup() -> float:
+    """Seconds a fresh process spends on our first MFCC beyond importing torch: importing numba and loading the
+    compiled kernels from numba's cache (one run before, so that the cache exists)."""
+    code = (
+        "import time, numpy as np, torch; t = time.perf_counter(); from hubert_pipeline.features import mfcc_batch; "
+        "mfcc_batch([np.zeros(16000, np.int16)]); print(time.perf_counter() - t)"
+    )
+    run = lambda: float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)  # noqa: E731
+    run()
+    return min(run() for _ in range(3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -244,6 +257,7 @@ def main() -> None:
         worst = check_equal(manifest, tmp)
         print(f"outputs equal (assert_close) for all {df.height} files in both stores, largest difference {worst:.2g}")
         compute = pure_compute(manifest, repeats=args.repeats)
+        startup = kernel_startup()
 
     def row(label: str, timing: Timing, base: Timing | None = None) -> None:
         line = f"{label:<55} {audio_seconds / timing.wall:7.0f} s/s {timing.wall:7.2f} s {timing.cpu:7.2f} s"
@@ -267,6 +281,7 @@ def main() -> None:
     )
     for name, timing in compute.items():
         row(f"  {name}", timing, None if name.startswith("reference") else base)
+    print(f"once per process, not in the runs above: {startup:.2f} s to import numba and load our compiled kernels")
 
 
 if __name__ == "__main__":

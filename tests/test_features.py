@@ -9,8 +9,8 @@ import polars as pl
 import pytest
 import torch
 
-from hubert_pipeline.audio import build_manifest, load_audio, read_manifest, source_of, write_csv
-from hubert_pipeline.features import DIM, extract_mfcc, mfcc, mfcc_batch, num_frames
+from hubert_pipeline.audio import build_manifest, load_audio, load_samples, read_manifest, source_of, write_csv
+from hubert_pipeline.features import DIM, _mfcc_torch, extract_mfcc, mfcc, mfcc_batch, num_frames
 from hubert_pipeline.launch import TaskError
 from hubert_pipeline.params import ExecutionParams, MfccParams
 from hubert_pipeline.store import FeatureStore, shard_index_path, shard_path
@@ -122,6 +122,30 @@ def test_mfcc_batch_equals_the_reference_for_every_utterance_of_the_batch(wavefo
             if waveform.shape[0] >= 400:
                 torch.testing.assert_close(ours, reference_mfcc(waveform), **TOLERANCE)
                 torch.testing.assert_close(ours, mfcc(waveform), rtol=1e-5, atol=1e-5)
+
+
+def test_the_torch_path_for_gpus_equals_the_reference_on_cpu_too(waveforms: dict[str, torch.Tensor]) -> None:
+    order = sorted(waveforms)
+    for chunk_rows in (65_536, 7):
+        batch = _mfcc_torch([waveforms[f] for f in order], torch.device("cpu"), chunk_rows)
+        for fileid, ours in zip(order, batch, strict=True):
+            waveform = waveforms[fileid]
+            assert ours.shape == (num_frames(waveform.shape[0]), 39), fileid
+            if waveform.shape[0] >= 400:
+                torch.testing.assert_close(ours, reference_mfcc(waveform), **TOLERANCE)
+
+
+def test_int16_pcm_gives_the_features_of_its_float_waveform(corpus: Path, waveforms: dict[str, torch.Tensor]) -> None:
+    rows = list(read_manifest(corpus / "manifest.csv").iter_rows(named=True))
+    pcm = [load_samples(source_of(row)) for row in rows]
+    assert all(samples.dtype == np.int16 for samples in pcm)
+    floats = [waveforms[row["fileid"]] for row in rows]
+    for ours, theirs in zip(mfcc_batch(pcm), mfcc_batch(floats), strict=True):
+        assert torch.equal(ours, theirs)  # scaling by 2^-15 before or after is exact
+    # a batch mixing both (WAV and decoded files in one manifest)
+    mixed = [p if i % 2 else f for i, (p, f) in enumerate(zip(pcm, floats, strict=True))]
+    for ours, theirs in zip(mfcc_batch(mixed), mfcc_batch(floats), strict=True):
+        assert torch.equal(ours, theirs)  # scaling by 2^-15 before or after is exact
 
 
 def test_mfcc_takes_one_dimensional_waveforms_only() -> None:

@@ -20,6 +20,7 @@ import polars as pl
 from hubert_pipeline.io import atomic_path
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 logger = logging.getLogger(__name__)
@@ -115,22 +116,32 @@ def _check_format(source: AudioSource, rate: int, channels: int) -> None:
         raise BadAudioError(f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz")
 
 
-def load_audio(source: AudioSource) -> "torch.Tensor":
-    """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
+def load_samples(source: AudioSource) -> "np.ndarray":
+    """The samples as stored, shape (samples,), checked to be 16 kHz mono: int16 for a 16-bit PCM WAV (read, not
+    decoded), float32 in [-1, 1] for anything else (decoded)."""
     if (pcm := _pcm_wav(source)) is not None:
         import numpy as np
-        import torch
 
         frames, rate, channels = pcm
         _check_format(source, rate, channels)
-        # x * 2^-15 is exactly x / 32768 in float32; one pass, no int16 -> float32 temporary
-        return torch.from_numpy(np.multiply(np.frombuffer(frames, "<i2"), np.float32(1 / 32768), dtype=np.float32))
+        return np.frombuffer(frames, "<i2")
     try:
         samples = _decoder(source).get_all_samples()
     except Exception as e:  # the decoder's message does not name the file
         raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
     _check_format(source, samples.sample_rate, samples.data.shape[0])
-    return samples.data[0]
+    return samples.data[0].numpy()
+
+
+def load_audio(source: AudioSource) -> "torch.Tensor":
+    """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
+    import numpy as np
+    import torch
+
+    samples = load_samples(source)
+    if samples.dtype == np.int16:  # x * 2^-15 is exactly x / 32768 in float32; one pass, no temporary
+        return torch.from_numpy(np.multiply(samples, np.float32(1 / 32768), dtype=np.float32))
+    return torch.from_numpy(samples)
 
 
 def source_of(row: dict) -> AudioSource:

@@ -2,9 +2,10 @@
 
 `mfcc(waveform)` equals minimal_hubert's `features.mfcc` (torchaudio's `compliance.kaldi.mfcc` with kaldi defaults,
 then `functional.compute_deltas` twice) within float32 rounding. `mfcc_batch(waveforms)` computes many utterances at
-once: the frames of the whole batch form one matrix that goes through DC removal, pre-emphasis, window, rfft, mel
-filterbank, log and DCT as a few large operations, which is where the speed comes from. torchaudio is not imported:
-the filterbank, window and DCT matrices are rebuilt here with the float32 operations of `torchaudio.compliance.kaldi`.
+once: the frames of the whole batch go through DC removal, pre-emphasis, window, rfft, mel filterbank, log and DCT
+chunk by chunk, on CPU in compiled kernels around torch's rfft (`hubert_pipeline.mfcc_cpu`), on GPU as a few large
+torch operations. torchaudio is not imported: the window, filterbank and DCT matrices are rebuilt here with the
+float32 operations of `torchaudio.compliance.kaldi`.
 
     python -m hubert_pipeline.features data/manifests/train.csv data/mfcc/train --num-shards 8 --workers 2
 """
@@ -12,7 +13,7 @@ the filterbank, window and DCT matrices are rebuilt here with the float32 operat
 import functools
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -41,8 +42,7 @@ DIM = 3 * NUM_CEPS  # 39
 FRAME_RATE = SAMPLE_RATE / SHIFT  # 100 Hz
 FLOAT32_EPSILON = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, kaldi's floor on mel energies
 MEL_BLOCK = 16  # mel bands per filterbank matmul
-CPU_CHUNK_ROWS = 1024  # frames per FFT chunk on CPU: buffers of a few MB stay in cache
-GPU_CHUNK_ROWS = 65_536  # on GPU: large enough for few kernel launches, buffers of ~200 MB at most
+GPU_CHUNK_ROWS = 65_536  # frames per FFT chunk on GPU: large enough for few kernel launches, buffers of ~200 MB at most
 
 
 def num_frames(num_samples: int) -> int:
@@ -50,25 +50,21 @@ def num_frames(num_samples: int) -> int:
     return 0 if num_samples < WINDOW else 1 + (num_samples - WINDOW) // SHIFT
 
 
-class _Constants(NamedTuple):
-    window: "torch.Tensor"  # (400,) povey window
-    banks: tuple[tuple[slice, "torch.Tensor"], ...]  # mel filterbank blocks: (rows of the power spectrum, (K, 16))
-    dct_lifter: "torch.Tensor"  # (23, 13) DCT-II with kaldi's first column, times the lifter
+@functools.cache
+def povey_window() -> "torch.Tensor":
+    """(400,) float32: kaldi's povey window, hann^0.85 (torchaudio's `_feature_window_function`)."""
+    import torch
+
+    return torch.hann_window(WINDOW, periodic=False).pow(0.85)
 
 
 @functools.cache
-def _constants(device: str) -> _Constants:
-    """The window, mel filterbank and DCT matrices (float32), built once per device.
+def mel_banks() -> "torch.Tensor":
+    """(23, 257) float32 triangular mel filterbank over the rfft bins (the Nyquist bin has weight 0).
 
-    Same float32 operations as torchaudio.compliance.kaldi (`_feature_window_function`, `get_mel_banks`,
-    `_get_dct_matrix`, `_get_lifter_coeffs`), so the window and filterbank are bit for bit those of the reference.
-    The filterbank applies to the interleaved (re², im²) of each FFT bin (its rows are doubled), and is split in two
-    blocks of 16 bands (the second one padded with zero columns), each over the FFT bins its bands cover: 16-column
-    matmuls are MKL's fastest here, 1.5x faster than one (514, 23) matmul.
+    The float32 operations of torchaudio's `get_mel_banks`, so that it is bit for bit the reference's.
     """
     import torch
-
-    window = torch.hann_window(WINDOW, periodic=False).pow(0.85)  # povey window
 
     def mel_scale(freq: float) -> float:
         return 1127.0 * math.log(1.0 + freq / 700.0)
@@ -83,7 +79,14 @@ def _constants(device: str) -> _Constants:
     mel = mel.unsqueeze(0)
     up, down = (mel - left) / (center - left), (right - mel) / (right - center)
     banks = torch.max(torch.zeros(1), torch.min(up, down))  # (23, 256)
-    banks = torch.nn.functional.pad(banks, (0, 1))  # (23, 257): the Nyquist bin has weight 0
+    return torch.nn.functional.pad(banks, (0, 1))  # (23, 257)
+
+
+@functools.cache
+def dct_lifter() -> "torch.Tensor":
+    """(23, 13) float32: DCT-II with kaldi's first column (torchaudio's `_get_dct_matrix`), times the cepstral
+    lifter (`_get_lifter_coeffs`)."""
+    import torch
 
     n = torch.arange(float(NUM_MEL_BINS))
     k = torch.arange(float(NUM_MEL_BINS)).unsqueeze(1)
@@ -94,8 +97,26 @@ def _constants(device: str) -> _Constants:
     dct[:, 0] = math.sqrt(1 / float(NUM_MEL_BINS))
     dct = dct[:, :NUM_CEPS]
     lifter = 1.0 + 0.5 * CEPSTRAL_LIFTER * torch.sin(math.pi * torch.arange(NUM_CEPS) / CEPSTRAL_LIFTER)
-    dct_lifter = dct * lifter.unsqueeze(0)  # (23, 13)
-    interleaved = banks.t().repeat_interleave(2, dim=0)  # (514, 23)
+    return (dct * lifter.unsqueeze(0)).contiguous()
+
+
+class _Constants(NamedTuple):
+    window: "torch.Tensor"  # (400,) povey window
+    banks: tuple[tuple[slice, "torch.Tensor"], ...]  # mel filterbank blocks: (rows of the power spectrum, (K, 16))
+    dct_lifter: "torch.Tensor"  # (23, 13)
+
+
+@functools.cache
+def _constants(device: str) -> _Constants:
+    """The window, filterbank and DCT of the torch path (GPU), on `device`.
+
+    The filterbank applies to the interleaved (re², im²) of each FFT bin (its rows are doubled), and is split in two
+    blocks of 16 bands (the second one padded with zero columns), each over the FFT bins its bands cover: 16-column
+    matmuls are MKL's fastest here, 1.5x faster than one (514, 23) matmul.
+    """
+    import torch
+
+    interleaved = mel_banks().t().repeat_interleave(2, dim=0)  # (514, 23)
     blocks = []
     for first in range(0, NUM_MEL_BINS, MEL_BLOCK):
         block = interleaved[:, first : first + MEL_BLOCK]
@@ -103,7 +124,7 @@ def _constants(device: str) -> _Constants:
         rows = slice(int(used[0]), int(used[-1]) + 1)
         padded = torch.nn.functional.pad(block[rows], (0, MEL_BLOCK - block.shape[1]))
         blocks.append((rows, padded.contiguous().to(device)))
-    return _Constants(window.to(device), tuple(blocks), dct_lifter.contiguous().to(device))
+    return _Constants(povey_window().to(device), tuple(blocks), dct_lifter().to(device))
 
 
 def _layout(waveforms: list["torch.Tensor"], device: "torch.device") -> tuple["torch.Tensor", list[int], list[int]]:
@@ -179,25 +200,10 @@ def _deltas(features: "torch.Tensor", starts: "torch.Tensor", ends: "torch.Tenso
     return total.div_(denominator)
 
 
-def mfcc_batch(
-    waveforms: list["torch.Tensor"],
-    *,
-    device: "str | torch.device | None" = None,
-    chunk_rows: int | None = None,
-) -> list["torch.Tensor"]:
-    """39-d MFCC of many utterances: (samples,) float waveforms -> (frames, 39) float32 tensors on `device`.
-
-    `device` defaults to that of the first waveform. An utterance shorter than one window (400 samples) gives (0, 39).
-    `chunk_rows` frames at a time go through the FFT (default: 1024 on CPU, to stay in cache; 65536 on GPU).
-    """
+def _mfcc_torch(waveforms: list["torch.Tensor"], device: "torch.device", chunk_rows: int) -> list["torch.Tensor"]:
+    """mfcc_batch in torch operations, on any device: the GPU path (it also runs on CPU, where tests check it)."""
     import torch
 
-    for i, w in enumerate(waveforms):
-        if w.ndim != 1:
-            raise ValueError(f"waveform {i} has shape {tuple(w.shape)}, expected (samples,)")
-    device = torch.device(device if device is not None else (waveforms[0].device if waveforms else "cpu"))
-    if chunk_rows is None:
-        chunk_rows = CPU_CHUNK_ROWS if device.type == "cpu" else GPU_CHUNK_ROWS
     flat, first, counts = _layout([w.to(device=device, dtype=torch.float32) for w in waveforms], device)
     if sum(counts) == 0:
         return [torch.zeros(0, DIM, device=device) for _ in waveforms]
@@ -214,6 +220,39 @@ def mfcc_batch(
     ddeltas = _deltas(deltas, row_starts, row_ends)
     features = torch.cat([ceps, deltas, ddeltas], dim=1)  # (M, 39)
     return list(features.split(counts))
+
+
+def mfcc_batch(
+    waveforms: "Sequence[torch.Tensor | np.ndarray]",
+    *,
+    device: "str | torch.device | None" = None,
+    chunk_rows: int | None = None,
+) -> list["torch.Tensor"]:
+    """39-d MFCC of many utterances: (samples,) waveforms -> (frames, 39) float32 tensors on `device`.
+
+    A waveform is float in [-1, 1], or int16 16-bit PCM (scaled by 2^-15), as a tensor or a numpy array. `device`
+    defaults to that of the first waveform (CPU for arrays). An utterance shorter than one window (400 samples)
+    gives (0, 39). On CPU, compiled kernels around torch's rfft compute it (`hubert_pipeline.mfcc_cpu`); on GPU,
+    torch operations. `chunk_rows` frames at a time go through the FFT (default: 512 on CPU, to stay in cache;
+    65536 on GPU).
+    """
+    import numpy as np
+    import torch
+
+    for i, w in enumerate(waveforms):
+        if w.ndim != 1:
+            raise ValueError(f"waveform {i} has shape {tuple(w.shape)}, expected (samples,)")
+    first_device = waveforms[0].device if waveforms and isinstance(waveforms[0], torch.Tensor) else "cpu"
+    device = torch.device(device if device is not None else first_device)
+    if device.type == "cpu":
+        from hubert_pipeline.mfcc_cpu import CHUNK_ROWS, mfcc_arrays
+
+        arrays = [w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else w for w in waveforms]
+        arrays = [a if a.dtype in (np.int16, np.float32) else a.astype(np.float32) for a in arrays]
+        return mfcc_arrays(arrays, chunk_rows or CHUNK_ROWS)
+    tensors = [torch.tensor(w) if isinstance(w, np.ndarray) else w for w in waveforms]  # a copy: w may be read-only
+    tensors = [t.to(device) * 2.0**-15 if t.dtype == torch.int16 else t for t in tensors]
+    return _mfcc_torch(tensors, device, chunk_rows or GPU_CHUNK_ROWS)
 
 
 def mfcc(waveform: "torch.Tensor") -> "torch.Tensor":
@@ -277,7 +316,7 @@ def extract_mfcc_shard(
 
     A shard already complete for the same files and dtype is left as it is (resume).
     """
-    from hubert_pipeline.audio import load_audio, source_of
+    from hubert_pipeline.audio import load_samples, source_of
     from hubert_pipeline.store import write_shard
 
     stat = Path(manifest).stat()
@@ -288,7 +327,7 @@ def extract_mfcc_shard(
         return frames
     items: list[tuple[str, np.ndarray]] = []
     for batch in _batches(rows, max(1, round(batch_seconds * SAMPLE_RATE))):
-        waveforms = [load_audio(source_of(row)) for row in batch]
+        waveforms = [load_samples(source_of(row)) for row in batch]  # int16 PCM: no float copy
         for row, waveform in zip(batch, waveforms, strict=True):
             if waveform.shape[0] != row["num_samples"]:
                 logger.warning(
