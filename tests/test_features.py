@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from hubert_pipeline.audio import build_manifest, load_audio, load_samples, read_manifest, source_of, write_csv
-from hubert_pipeline.features import DIM, _mfcc_torch, extract_mfcc, mfcc, mfcc_batch, num_frames
+from hubert_pipeline.features import DIM, extract_mfcc, mfcc, mfcc_batch, num_frames
 from hubert_pipeline.launch import TaskError
+from hubert_pipeline.mfcc_torch import mfcc_tensors
 from hubert_pipeline.params import ExecutionParams, MfccParams
 from hubert_pipeline.store import FeatureStore, shard_index_path, shard_path
 
@@ -127,7 +128,7 @@ def test_mfcc_batch_equals_the_reference_for_every_utterance_of_the_batch(wavefo
 def test_the_torch_path_for_gpus_equals_the_reference_on_cpu_too(waveforms: dict[str, torch.Tensor]) -> None:
     order = sorted(waveforms)
     for chunk_rows in (65_536, 7):
-        batch = _mfcc_torch([waveforms[f] for f in order], torch.device("cpu"), chunk_rows)
+        batch = mfcc_tensors([waveforms[f] for f in order], torch.device("cpu"), chunk_rows)
         for fileid, ours in zip(order, batch, strict=True):
             waveform = waveforms[fileid]
             assert ours.shape == (num_frames(waveform.shape[0]), 39), fileid
