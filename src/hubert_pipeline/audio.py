@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
+PCM16_SCALE = 2.0**-15  # int16 PCM -> [-1, 1): x * 2^-15 is exactly x / 32768 in float32
 MANIFEST_COLUMNS = ("fileid", "path", "num_samples")
 ARCHIVE_COLUMNS = ("archive", "byte_offset", "byte_size")
 
@@ -133,15 +134,20 @@ def load_samples(source: AudioSource) -> "np.ndarray":
     return samples.data[0].numpy()
 
 
+def as_float32(samples: "np.ndarray") -> "np.ndarray":
+    """int16 PCM scaled to [-1, 1) in one pass (exactly), float samples as float32."""
+    import numpy as np
+
+    if samples.dtype == np.int16:
+        return np.multiply(samples, np.float32(PCM16_SCALE), dtype=np.float32)
+    return samples.astype(np.float32, copy=False)
+
+
 def load_audio(source: AudioSource) -> "torch.Tensor":
     """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
-    import numpy as np
     import torch
 
-    samples = load_samples(source)
-    if samples.dtype == np.int16:  # x * 2^-15 is exactly x / 32768 in float32; one pass, no temporary
-        return torch.from_numpy(np.multiply(samples, np.float32(1 / 32768), dtype=np.float32))
-    return torch.from_numpy(samples)
+    return torch.from_numpy(as_float32(load_samples(source)))
 
 
 def source_of(row: dict) -> AudioSource:

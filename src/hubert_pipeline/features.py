@@ -115,6 +115,8 @@ def mfcc_batch(
     import numpy as np
     import torch
 
+    from hubert_pipeline.audio import PCM16_SCALE, as_float32
+
     for i, w in enumerate(waveforms):
         if w.ndim != 1:
             raise ValueError(f"waveform {i} has shape {tuple(w.shape)}, expected (samples,)")
@@ -124,12 +126,12 @@ def mfcc_batch(
         from hubert_pipeline.mfcc_cpu import CHUNK_ROWS, mfcc_arrays
 
         arrays = [w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else w for w in waveforms]
-        arrays = [a if a.dtype in (np.int16, np.float32) else a.astype(np.float32) for a in arrays]
+        arrays = [a if a.dtype == np.int16 else a.astype(np.float32, copy=False) for a in arrays]
         return mfcc_arrays(arrays, chunk_rows or CHUNK_ROWS)
     from hubert_pipeline.mfcc_torch import CHUNK_ROWS, mfcc_tensors
 
-    tensors = [torch.tensor(w) if isinstance(w, np.ndarray) else w for w in waveforms]  # a copy: w may be read-only
-    tensors = [t.to(device) * 2.0**-15 if t.dtype == torch.int16 else t for t in tensors]
+    tensors = [torch.tensor(as_float32(w)) if isinstance(w, np.ndarray) else w for w in waveforms]  # w may be read-only
+    tensors = [t.to(device, torch.float32) * PCM16_SCALE if t.dtype == torch.int16 else t for t in tensors]
     return mfcc_tensors(tensors, device, chunk_rows or CHUNK_ROWS)
 
 

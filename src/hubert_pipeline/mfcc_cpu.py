@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numba
 import numpy as np
 
+from hubert_pipeline.audio import PCM16_SCALE, as_float32
 from hubert_pipeline.features import (
     DIM,
     FFT_SIZE,
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
     import torch
 
 CHUNK_ROWS = 512  # frames per rfft chunk: the (512, 512) buffer and its spectrum (2 MB) stay in L2
-PCM16_SCALE = 2.0**-15  # int16 PCM -> [-1, 1): exact in float32
 
 # reassociation (vectorized sums) and fused multiply-add; no assumption about NaN or infinities
 FASTMATH = {"reassoc", "contract"}
@@ -135,8 +135,7 @@ def mfcc_arrays(waveforms: Sequence[np.ndarray], chunk_rows: int = CHUNK_ROWS) -
     if all(w.dtype == np.int16 for w in waveforms):
         samples, scale = np.concatenate(waveforms), np.float32(PCM16_SCALE)
     else:  # int16 ones scaled exactly, as load_audio does
-        samples = np.concatenate([w * np.float32(PCM16_SCALE) if w.dtype == np.int16 else w for w in waveforms])
-        samples, scale = samples.astype(np.float32, copy=False), np.float32(1.0)
+        samples, scale = np.concatenate([as_float32(w) for w in waveforms]), np.float32(1.0)
     lengths = np.array([w.shape[0] for w in waveforms], np.int64)
     frame_counts = np.array(counts, np.int64)
     bounds = np.concatenate([[0], np.cumsum(frame_counts)])
