@@ -154,6 +154,11 @@ def test_mfcc_takes_one_dimensional_waveforms_only() -> None:
         mfcc(torch.zeros(1, 16_000))
 
 
+def test_mfcc_refuses_integer_samples_other_than_int16_pcm() -> None:
+    with pytest.raises(ValueError, match=r"waveform 1 has dtype int32, expected float in \[-1, 1\] or int16 PCM"):
+        mfcc_batch([np.zeros(16_000, np.int16), np.zeros(16_000, np.int32)])
+
+
 def test_store_holds_every_file_of_the_manifest_with_reference_features(
     corpus: Path, waveforms: dict[str, torch.Tensor], tmp_path: Path
 ) -> None:

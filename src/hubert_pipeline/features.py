@@ -120,6 +120,9 @@ def mfcc_batch(
     for i, w in enumerate(waveforms):
         if w.ndim != 1:
             raise ValueError(f"waveform {i} has shape {tuple(w.shape)}, expected (samples,)")
+        is_float = w.is_floating_point() if isinstance(w, torch.Tensor) else np.issubdtype(w.dtype, np.floating)
+        if not is_float and w.dtype not in (np.int16, torch.int16):
+            raise ValueError(f"waveform {i} has dtype {w.dtype}, expected float in [-1, 1] or int16 PCM")
     first_device = waveforms[0].device if waveforms and isinstance(waveforms[0], torch.Tensor) else "cpu"
     device = torch.device(device if device is not None else first_device)
     if device.type == "cpu":
