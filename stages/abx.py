@@ -1,6 +1,8 @@
 """Stages abx_it1 / abx_it2: ABX error of every layer of a model (and of MFCC) on the abx item file; the best
 layer by `abx.rule` is written to a JSON that later stages read."""
 
+import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
+
 from hubert_pipeline.cli import parser, setup_logging
 
 if __name__ == "__main__":

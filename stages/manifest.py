@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
+
 from hubert_pipeline.cli import parser, setup_logging
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ With train_itN.processes > 1, that many local processes train with DDP (gloo on 
 
 from pathlib import Path
 
+import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
+
 from hubert_pipeline.cli import parser, setup_logging
 
 if __name__ == "__main__":

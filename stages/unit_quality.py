@@ -9,6 +9,8 @@ across speakers) of MFCC and of each model's best layer. Written as a DVC metric
 import json
 from pathlib import Path
 
+import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
+
 from hubert_pipeline.cli import parser, setup_logging
 
 if __name__ == "__main__":

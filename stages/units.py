@@ -7,6 +7,8 @@ Also measures unit quality (PNMI, phone and cluster purity) against phone alignm
 import json
 from pathlib import Path
 
+import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
+
 from hubert_pipeline.cli import parser, setup_logging
 
 if __name__ == "__main__":
