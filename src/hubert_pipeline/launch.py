@@ -24,6 +24,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -157,6 +158,17 @@ def _name(desc: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in desc).strip("-") or "job"
 
 
+def _library_path_line() -> str:
+    """A job-script line: jobs import the library from the checkout the stage imported it from.
+
+    submitit unpickles a task's function by module name, so without it a job of a DVC experiment running in
+    `.dvc/tmp/exps/...` would import the workspace's library (the editable install). Explicit, not left to sbatch's
+    environment export, which clusters may turn off (`SBATCH_EXPORT=NONE`).
+    """
+    src = Path(__file__).resolve().parents[1]
+    return f'export PYTHONPATH={shlex.quote(str(src))}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+
+
 def _executor(slurm: SlurmParams, name: str, *, gpus_per_node: int, nodes: int = 1, tasks_per_node: int = 1) -> Any:
     if slurm.conf:
         os.environ["SLURM_CONF"] = str(Path(slurm.conf).resolve())
@@ -171,7 +183,7 @@ def _executor(slurm: SlurmParams, name: str, *, gpus_per_node: int, nodes: int =
         "mem": f"{int(slurm.mem_gb * 1024)}M",
         "signal_delay_s": slurm.signal_delay_s,
         "array_parallelism": slurm.array_parallelism,
-        "setup": list(slurm.setup),
+        "setup": [*slurm.setup, _library_path_line()],
         "additional_parameters": dict(slurm.additional),
     }
     if gpus_per_node:
