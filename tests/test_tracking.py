@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from hubert_pipeline.params import MlflowParams
-from hubert_pipeline.tracking import flatten, stage_run, tracking_uri
+from hubert_pipeline.tracking import code_digest, code_root, flatten, run_tags, stage_run, tracking_uri, tree_changes
 
 
 def test_default_uri_is_absolute_sqlite_under_the_dvc_root(tmp_path, monkeypatch):
@@ -43,7 +43,9 @@ def test_stage_run_is_tagged_and_logs_params_and_metrics(isolated_mlflow, monkey
     assert run.data.tags["git_revision"]
     assert run.data.params == {"kmeans.k": "7"}
     assert run.data.metrics == {"inertia": 3.5}
-    assert run.info.run_name == "kmeans_it1-sunny-day"
+    assert run.info.run_name == "sunny-day/kmeans_it1"
+    assert run.data.tags["code_digest"] == code_digest(code_root())
+    assert run.data.tags["git_dirty"] in {"true", "false"}
 
 
 def free_port() -> int:
@@ -81,3 +83,43 @@ def test_stage_runs_reach_a_tracking_server_on_loopback(tmp_path, monkeypatch):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def commit_all(root):
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def test_code_digest_changes_with_any_library_or_stage_source_and_nothing_else(tmp_path):
+    (tmp_path / "src" / "hubert_pipeline").mkdir(parents=True)
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "src" / "hubert_pipeline" / "kmeans.py").write_text("K = 1\n")
+    (tmp_path / "stages" / "kmeans.py").write_text("import hubert_pipeline\n")
+    digest = code_digest(tmp_path)
+    (tmp_path / "params.yaml").write_text("k: 2\n")
+    assert code_digest(tmp_path) == digest
+    (tmp_path / "stages" / "kmeans.py").write_text("import hubert_pipeline  # edited\n")
+    assert code_digest(tmp_path) != digest
+
+
+def test_tree_changes_sees_a_same_size_edit_made_in_the_second_of_the_commit(tmp_path):
+    (tmp_path / "params.yaml").write_text("k: 4\n")
+    (tmp_path / "notes.txt").write_text("not code\n")
+    commit_all(tmp_path)
+    assert tree_changes(tmp_path) == []
+    (tmp_path / "params.yaml").write_text("k: 5\n")  # same size, same mtime second: git's stat cache misses it
+    (tmp_path / "notes.txt").write_text("edited, but not code or config\n")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "new.py").write_text("\n")
+    assert tree_changes(tmp_path) == ["params.yaml", "stages/new.py"]
+
+
+def test_run_tags_take_the_baseline_and_the_name_from_dvc_and_the_code_from_the_imported_checkout(monkeypatch):
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    monkeypatch.setenv("DVC_EXP_NAME", "k-500")
+    tags = run_tags("units_it2", iteration=2)
+    assert tags["git_revision"] == "abc123"
+    assert tags["dvc_experiment"] == "k-500"
+    assert tags["code_root"] == str(code_root())
+    assert (code_root() / "src" / "hubert_pipeline" / "tracking.py").is_file()
+    assert tags["iteration"] == "2"

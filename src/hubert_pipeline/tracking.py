@@ -4,10 +4,16 @@ The tracking URI is, in order: `MLFLOW_TRACKING_URI`; `mlflow.tracking_uri` in p
 `sqlite:///<repo root>/mlruns/mlflow.db`, with the repo root taken from `DVC_ROOT` (set by DVC, also inside the
 temporary copies that `dvc exp run --queue/--temp` runs in, so their runs land in the user's store) or git.
 Artifacts of the default store go to `<repo root>/mlruns/artifacts`.
+
+Each run records what ran (`run_tags`): the baseline commit (`git_revision`: DVC's experiment baseline, else HEAD),
+whether the code and config that ran differ from it (`git_dirty`, `git_changes`: queued experiments carry the
+workspace's uncommitted changes and their `-S` params), a digest of the library and stage code imported
+(`code_digest`), the checkout it was imported from (`code_root`) and the DVC experiment (`dvc_experiment`).
 """
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import subprocess
@@ -64,6 +70,69 @@ def git_revision(root: Path) -> str:
         return "unknown"
 
 
+CODE_FOLDERS = ("src/hubert_pipeline", "stages")  # the code a stage runs, hashed into `code_digest`
+TREE_PATHS = ("src", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", "uv.lock")  # what `git_dirty` compares
+
+
+def code_root() -> Path:
+    """The checkout this process imported the library from (`<root>/src/hubert_pipeline`)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def code_digest(root: Path) -> str:
+    """sha256 (16 hex digits) of the library and stage sources of a checkout: names and contents, sorted."""
+    digest = hashlib.sha256()
+    for folder in CODE_FOLDERS:
+        for path in sorted((root / folder).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _git(root: Path, *args: str, stdin: str | None = None) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root, input=stdin).stdout
+
+
+def tree_changes(root: Path) -> list[str] | None:
+    """Code and config paths of a checkout whose content differs from its HEAD (new untracked ones too); None
+    without git. Contents are hashed, not compared by git's stat cache: DVC writes the experiment copies' files
+    and index within the same second, where `git status` can miss a same-size edit (`-S kmeans.k=4` to 5)."""
+    try:
+        listing = _git(root, "ls-tree", "-r", "HEAD", "--", *TREE_PATHS).splitlines()  # "<mode> blob <sha>\t<path>"
+        head = {path: meta.split()[2] for meta, path in (line.split("\t", 1) for line in listing)}
+        untracked = _git(root, "ls-files", "--others", "--exclude-standard", "--", *TREE_PATHS).split()
+        present = [path for path in head if (root / path).is_file()]
+        hashes = _git(root, "hash-object", "--stdin-paths", stdin="\n".join(present)).split()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+    changed = {path for path, sha in zip(present, hashes, strict=True) if head[path] != sha}
+    return sorted(changed | (head.keys() - set(present)) | set(untracked))
+
+
+def run_tags(stage: str, iteration: int | None = None) -> dict[str, str]:
+    """What ran: the stage, the baseline commit, whether the tree differed from it, the code digest, the experiment."""
+    root = code_root()
+    changes = tree_changes(root)
+    tags = {
+        "stage": stage,
+        "git_revision": os.environ.get("DVC_EXP_BASELINE_REV") or git_revision(root),
+        "git_dirty": "unknown" if changes is None else str(bool(changes)).lower(),
+        "git_changes": ", ".join(changes or [])[:5000],
+        "code_digest": code_digest(root),
+        "code_root": str(root),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "dvc_root": str(repo_root()),
+    }
+    if iteration is not None:
+        tags["iteration"] = str(iteration)
+    return tags
+
+
+def run_name(stage: str) -> str:
+    """`<experiment>/<stage>` inside a DVC experiment (runs of one experiment sort together), else the stage."""
+    experiment = os.environ.get("DVC_EXP_NAME")
+    return f"{experiment}/{stage}" if experiment else stage
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dataclasses/dicts to MLflow params: {"kmeans.k": 500, ...}."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -100,23 +169,15 @@ def stage_run(
     params: dict[str, Any] | None = None,
     iteration: int | None = None,
 ) -> Generator[Any]:
-    """An MLflow run for one execution of a stage, tagged with stage, iteration, git revision and DVC experiment."""
+    """An MLflow run for one execution of a stage, named after the DVC experiment and tagged with what ran."""
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(mlflow_params)
     mlflow.set_tracking_uri(uri)
     experiment_id = _experiment_id(mlflow, mlflow_params.experiment, uri)
-    root = repo_root()
-    tags = {
-        "stage": stage,
-        "git_revision": git_revision(root),
-        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-        "dvc_root": str(root),
-    }
-    if iteration is not None:
-        tags["iteration"] = str(iteration)
-    name = f"{stage}-{os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else stage
+    tags = run_tags(stage, iteration)
+    name = run_name(stage)
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
