@@ -23,6 +23,8 @@ if __name__ == "__main__":
     p.add_argument("model_it2", help="the chosen it2 model folder")
     p.add_argument("work", help="folder for the it2 layer features, centroids and units (an output)")
     p.add_argument("metrics", help="JSON table to write")
+    p.add_argument("--validate", nargs=2, required=True, metavar=("IT1", "IT2"), help="metrics/validate_it{1,2}.json")
+    p.add_argument("--summary", required=True, help="JSON of the figures that decide an experiment (dvc exp show)")
     args = p.parse_args()
     setup_logging()
 
@@ -33,6 +35,7 @@ if __name__ == "__main__":
     from hubert_pipeline.launch import run_job
     from hubert_pipeline.layer_features import extract_layer_features
     from hubert_pipeline.params import load_params
+    from hubert_pipeline.summary import experiment_summary
     from hubert_pipeline.tracking import stage_run
     from hubert_pipeline.unit_metrics import unit_quality
     from hubert_pipeline.units import read_units, stream_units_for_split
@@ -80,3 +83,7 @@ if __name__ == "__main__":
         for name, row in table.items():
             mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in row.items() if isinstance(v, int | float)})
         mlflow.log_artifact(args.metrics)
+        validate = {it: json.loads(Path(path).read_text()) for it, path in enumerate(args.validate, start=1)}
+        summary = experiment_summary(table, validate)
+        write_json(args.summary, summary)
+        mlflow.log_metrics({f"summary_{k}": v for k, v in summary.items()})

@@ -1,0 +1,24 @@
+from hubert_pipeline.summary import experiment_summary
+
+
+def test_summary_takes_each_iterations_best_layer_units_and_its_chosen_checkpoint():
+    row = {"source": "x", "k": 500, "pnmi": 0.3, "phone_purity": 0.2, "cluster_purity": 0.1, "abx_within": 9.0}
+    table = {
+        "mfcc": row | {"abx_across": 20.0},
+        "it1_best_layer": row | {"pnmi": 0.31, "abx_across": 37.9},
+        "it2_best_layer": row | {"pnmi": 0.33, "abx_across": 38.1},
+    }
+    validate = {
+        1: {"best_step": 400, "best_accuracy": 0.053, "best_loss": 4.2},
+        2: {"best_accuracy": 0.04, "best_loss": 5.47},
+    }
+    assert experiment_summary(table, validate) == {
+        "pnmi1": 0.31, "abx1": 37.9, "acc1": 0.053, "loss1": 4.2,
+        "pnmi2": 0.33, "abx2": 38.1, "acc2": 0.04, "loss2": 5.47,
+    }  # fmt: skip
+
+
+def test_summary_figures_are_rounded_to_four_significant_digits_for_short_columns():
+    row = {"pnmi": 0.163694786, "abx_across": 38.348880610}
+    summary = experiment_summary({"it1_best_layer": row}, {1: {"best_accuracy": 0.0984293, "best_loss": 2.842083}})
+    assert summary == {"pnmi1": 0.1637, "abx1": 38.35, "acc1": 0.09843, "loss1": 2.842}
