@@ -1,0 +1,182 @@
+"""DVC experiments run their own code and record what ran: queued, temporary, and every process a stage starts.
+
+The editable install is simulated by PYTHONPATH pointing at the workspace's (or a decoy's) `src/`: without the
+stages' bootstrap (`stages/_checkout.py`), a stage running in `.dvc/tmp/exps/...` would import that one instead.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from conftest import tone, write_wav
+from mlflow.entities import Run
+
+from hubert_pipeline.launch import _library_path_line
+from hubert_pipeline.tracking import code_digest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("manifest", "mfcc", "kmeans_it1")  # the reduced pipeline: the real stages, on six seconds of audio
+TINY = {
+    "data": {"train": "audio/train", "valid": "audio/valid"},  # committed to git (data/ is ignored)
+    "execution": {"workers": 1, "device": "cpu"},
+    "mfcc": {"num_shards": 1},
+    "kmeans": {"k_it1": 4, "n_init": 1, "fit_fraction": 1.0, "max_iter": 5},
+}
+WORKSPACE_EDIT = '\nraise RuntimeError("the workspace\'s kmeans.py ran")\n'
+
+
+def git(root: Path, *args: str) -> str:
+    return run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], root).stdout.strip()
+
+
+def run(cmd: list[str], root: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = env or clean_env(root)
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def clean_env(root: Path) -> dict[str, str]:
+    """No DVC or MLflow variables of ours; PYTHONPATH plays the editable install resolving to the workspace."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    return env | {"PYTHONPATH": str(root / "src")}
+
+
+def copy_checkout(root: Path) -> None:
+    for name in (".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git + DVC repository with the real manifest, mfcc and kmeans_it1 stages on six one-second files."""
+    root = tmp_path / "project"
+    root.mkdir()
+    copy_checkout(root)
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    reduced = {"stages": {name: dvc["stages"][name] for name in STAGES}}
+    (root / "dvc.yaml").write_text(yaml.safe_dump(reduced, sort_keys=False))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for i in range(6):
+        split = "train" if i < 4 else "valid"
+        write_wav(root / "audio" / split / f"spk{i}_utt.wav", tone(1.0, freq=150.0 + 60 * i, seed=i))
+    git(root, "init", "-q")
+    run(["dvc", "init", "-q"], root)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "baseline")
+    return root
+
+
+def runs_of(root: Path, experiment: str) -> dict[str, Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlruns/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list",
+                              filter_string=f"tags.dvc_experiment = '{experiment}'")  # fmt: skip
+    return {r.data.tags["stage"]: r for r in runs}
+
+
+def run_queue(root: Path, jobs: int, timeout: float = 900) -> dict[str, str]:
+    """`dvc queue start -j N`, then wait for the queue to empty and its workers to stop: {experiment: status}."""
+    run(["dvc", "queue", "start", "-j", str(jobs)], root)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run(["dvc", "queue", "status"], root).stdout
+        if not any(state in status for state in ("Queued", "Running")) and "0 active" in status:
+            break
+        assert time.monotonic() < deadline, f"the queue did not finish in {timeout} s:\n{status}"
+        time.sleep(2)
+    rows = [line.split() for line in status.splitlines()[1:] if line.strip() and not line.startswith("Worker")]
+    return {row[1]: row[-1] for row in rows}
+
+
+def assert_ran_its_own_code(runs: dict, *, experiment: str, baseline: str, digest: str, workspace: Path) -> None:
+    assert set(runs) == set(STAGES), sorted(runs)
+    for stage, r in runs.items():
+        tags = r.data.tags
+        assert r.info.run_name == f"{experiment}/{stage}"
+        assert tags["git_revision"] == baseline
+        assert tags["code_digest"] == digest, f"{stage} ran other code than the experiment's"
+        assert tags["git_dirty"] == "true"
+        assert {"params.yaml", "src/hubert_pipeline/kmeans.py"} <= set(tags["git_changes"].split(", "))
+        assert ".dvc/tmp/exps" in tags["code_root"], f"{stage} imported {tags['code_root']}"
+        assert Path(tags["dvc_root"]) == workspace
+
+
+@pytest.mark.slow
+def test_a_queued_sweep_runs_the_code_it_was_queued_with_not_a_later_workspace_edit(project):
+    kmeans_py = project / "src" / "hubert_pipeline" / "kmeans.py"
+    kmeans_py.write_text(kmeans_py.read_text() + "# an uncommitted change, queued with the experiments\n")
+    queued_digest = code_digest(project)
+    baseline = git(project, "rev-parse", "HEAD")
+    run(["dvc", "exp", "run", "--queue", "-S", "kmeans.k_it1=5,6", "kmeans_it1"], project)  # a grid: two experiments
+    kmeans_py.write_text(kmeans_py.read_text() + WORKSPACE_EDIT)  # would fail the experiments, were it imported
+    status = run_queue(project, jobs=2)
+    assert sorted(status.values()) == ["Success", "Success"], [run(["dvc", "queue", "logs", name], project).stdout
+                                                               for name in status]  # fmt: skip
+    ks = set()
+    for name in status:
+        runs = runs_of(project, name)
+        assert_ran_its_own_code(runs, experiment=name, baseline=baseline, digest=queued_digest, workspace=project)
+        ks.add(runs["kmeans_it1"].data.metrics["k"])
+    assert ks == {5, 6}
+    assert code_digest(project) != queued_digest
+
+
+@pytest.mark.slow
+def test_temp_experiment_imports_its_temporary_copy_not_the_workspace(project):
+    kmeans_py = project / "src" / "hubert_pipeline" / "kmeans.py"
+    kmeans_py.write_text(kmeans_py.read_text() + "# an uncommitted change, carried into the copy\n")
+    digest = code_digest(project)
+    baseline = git(project, "rev-parse", "HEAD")
+    run(["dvc", "exp", "run", "--temp", "-n", "k-six", "-S", "kmeans.k_it1=6", "kmeans_it1"], project)
+    runs = runs_of(project, "k-six")
+    assert_ran_its_own_code(runs, experiment="k-six", baseline=baseline, digest=digest, workspace=project)
+    assert runs["kmeans_it1"].data.metrics["k"] == 6
+
+
+WHERE = """\
+import _checkout  # noqa: F401
+import json, subprocess, sys
+from hubert_pipeline.launch import map_tasks
+from hubert_pipeline.params import ExecutionParams
+from hubert_pipeline.tracking import code_root
+
+if __name__ == "__main__":
+    child = [sys.executable, "-c", "import hubert_pipeline, pathlib; print(pathlib.Path(hubert_pipeline.__file__))"]
+    workers = map_tasks(code_root, [{}, {}], execution=ExecutionParams(workers=2), desc="where")
+    print(json.dumps({"stage": str(code_root()), "workers": [str(w) for w in workers],
+                      "subprocess": subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip()}))
+"""
+
+
+@pytest.mark.slow
+def test_a_stage_and_the_processes_it_starts_import_the_library_of_the_stage_files_checkout(tmp_path):
+    checkout, decoy = tmp_path / "checkout", tmp_path / "decoy"
+    for root in (checkout, decoy):
+        root.mkdir()
+        copy_checkout(root)
+    (checkout / "stages" / "where.py").write_text(WHERE)
+    env = clean_env(decoy)  # the editable install resolves elsewhere
+    out = json.loads(run([sys.executable, "stages/where.py"], checkout, env).stdout.splitlines()[-1])
+    assert out["stage"] == str(checkout)
+    assert out["workers"] == [str(checkout), str(checkout)]  # spawned worker processes
+    assert out["subprocess"] == str(checkout / "src" / "hubert_pipeline" / "__init__.py")
+
+
+def test_slurm_jobs_put_the_stages_library_first_on_their_python_path():
+    line = _library_path_line()
+    assert line.startswith(f"export PYTHONPATH={REPO / 'src'}")
+    result = subprocess.run(["bash", "-c", f"{line}; echo $PYTHONPATH"], capture_output=True, text=True, check=True,
+                            env={"PATH": os.environ["PATH"], "PYTHONPATH": "/elsewhere"})  # fmt: skip
+    assert result.stdout.strip() == f"{REPO / 'src'}:/elsewhere"
