@@ -123,3 +123,20 @@ def test_run_tags_take_the_baseline_and_the_name_from_dvc_and_the_code_from_the_
     assert tags["code_root"] == str(code_root())
     assert (code_root() / "src" / "hubert_pipeline" / "tracking.py").is_file()
     assert tags["iteration"] == "2"
+
+
+OPEN_RUN = """
+from hubert_pipeline.params import MlflowParams
+from hubert_pipeline.tracking import stage_run
+with stage_run("kmeans_it1", mlflow_params=MlflowParams(experiment="parallel")):
+    pass
+"""
+
+
+@pytest.mark.slow
+def test_parallel_experiments_can_create_a_new_sqlite_store_together(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns/mlflow.db"}
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_RUN], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]  # fmt: skip
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-2000:] for e in errors)

@@ -13,6 +13,7 @@ workspace's uncommitted changes and their `-S` params), a digest of the library 
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import logging
 import os
@@ -162,6 +163,23 @@ def _experiment_id(mlflow: Any, name: str, uri: str) -> str:
 
 
 @contextlib.contextmanager
+def _store_lock(uri: str) -> Generator[None]:
+    """Exclusive use of a sqlite store while a process first opens it: parallel experiments (`dvc queue start -j N`)
+    creating a new store at once raced on its tables ("table experiments already exists")."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
 def stage_run(
     stage: str,
     *,
@@ -175,7 +193,8 @@ def stage_run(
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(mlflow_params)
     mlflow.set_tracking_uri(uri)
-    experiment_id = _experiment_id(mlflow, mlflow_params.experiment, uri)
+    with _store_lock(uri):
+        experiment_id = _experiment_id(mlflow, mlflow_params.experiment, uri)
     tags = run_tags(stage, iteration)
     name = run_name(stage)
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
