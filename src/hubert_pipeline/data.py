@@ -35,6 +35,7 @@ class Batch:
     attention_mask: Tensor | None  # (B, 1, 1, F) bool, True = attend; None without padding
     mask: Tensor  # (B, F) bool, True = masked frame (never on padding)
     audio_seconds: float
+    lengths: Tensor | None = None  # (B,) samples of each waveform; None without padding
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(
@@ -43,6 +44,7 @@ class Batch:
             None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True),
             self.mask.to(device, non_blocking=True),
             self.audio_seconds,
+            None if self.lengths is None else self.lengths.to(device, non_blocking=True),
         )
 
 
@@ -106,8 +108,10 @@ class Collator:
         frames = torch.tensor([model_frames(w.numel()) for w, _ in crops])
         padding = torch.arange(labels.shape[1]).expand(len(items), -1) >= frames[:, None]
         mask = mask_from_index(self.mask_generator(padding, generator=generator)[0], labels.shape[1]) & ~padding
-        attention_mask = ~padding[:, None, None, :] if bool(padding.any()) else None
-        return Batch(waveforms, labels, attention_mask, mask, sum(w.numel() for w, _ in crops) / 16_000)
+        padded = bool(padding.any())
+        attention_mask = ~padding[:, None, None, :] if padded else None
+        lengths = torch.tensor([w.numel() for w, _ in crops]) if padded else None
+        return Batch(waveforms, labels, attention_mask, mask, sum(w.numel() for w, _ in crops) / 16_000, lengths)
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
