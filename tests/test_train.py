@@ -169,3 +169,59 @@ def test_raising_max_steps_resumes_the_same_run(manifest, tmp_path):
     run_train(manifest, tmp_path, replace(CFG, max_steps=2))
     losses = run_train(manifest, tmp_path, replace(CFG, max_steps=4))
     assert sorted(losses) == [3, 4]
+
+
+def shuffled_units(manifest, out_folder):
+    """The same files with every file's units permuted: nothing about a frame's unit is in its audio."""
+    rng = np.random.default_rng(1)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["units"] = rng.permutation(row["units"]).tolist()
+    out = out_folder / "shuffled.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.mark.slow
+def test_validation_flags_a_run_on_shuffled_units_and_not_one_on_learnable_units(manifest, tmp_path):
+    from hubert_pipeline.validate import health_warning
+
+    cfg = replace(CFG, max_steps=40, warmup_steps=5, save_interval=10, lr=2e-3)
+    valid = ValidateParams(max_batch_samples=200_000)
+    verdicts = {}
+    for name, units in (("learnable", manifest), ("shuffled", shuffled_units(manifest, tmp_path))):
+        run_train(units, tmp_path / name, cfg)
+        scores = validate_checkpoints(units, list_checkpoints(tmp_path / name), cfg=valid, train_cfg=cfg)
+        assert 0.125 <= scores[0].commonest_rate < 0.5  # 8 pitch classes
+        verdicts[name] = health_warning(scores, cfg.max_steps)
+    assert verdicts["learnable"] is None
+    assert verdicts["shuffled"] is not None
+    assert "under twice the commonest-unit rate" in verdicts["shuffled"]
+
+
+def test_the_health_check_looks_only_at_checkpoints_past_half_of_the_run():
+    from hubert_pipeline.validate import CheckpointScore, health_warning
+
+    def score(step, accuracy):
+        return CheckpointScore(step, f"step_{step}.pt", 1.0, accuracy, 100, commonest_rate=0.05)
+
+    assert health_warning([score(100, 0.05), score(300, 0.11), score(400, 0.12)], max_steps=400) is None
+    warning = health_warning([score(100, 0.30), score(300, 0.09), score(400, 0.12)], max_steps=400)
+    assert warning is not None
+    assert "0.0900 at step 300 (of 400)" in warning
+
+
+def test_batches_of_neighbouring_lengths_train_on_more_of_the_audio_than_coarse_buckets():
+    from hubert_pipeline.data import ResumableBatchSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(32_000, 210_000, size=300).tolist()  # 2 to 13 s, like the demo corpus
+
+    def used(num_buckets, pad_audio=False):
+        sampler = ResumableBatchSampler(lengths, max_batch_samples=480_000, min_sample_size=32_000,
+                                        max_sample_size=250_000, num_buckets=num_buckets, seed=0, shuffle=True)  # fmt: skip
+        return sampler.audio_used(lengths, max_sample_size=250_000, pad_audio=pad_audio)
+
+    assert used(20, pad_audio=True) == pytest.approx(1.0)
+    assert used(150) > used(20) + 0.01
+    assert used(150) > 0.98

@@ -160,6 +160,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             batches = [batches[i] for i in perm]
         usable = len(batches) - len(batches) % self.group  # every step of every rank gets full micro-batches
+        self.all_batches = batches[:usable]  # of every rank, this epoch
         self.batches = [(n, batches[n]) for n in range(self.rank, usable, self.world_size)]
 
     def __len__(self) -> int:
@@ -168,6 +169,18 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     @property
     def batches_per_epoch(self) -> int:
         return len(self.batches)
+
+    def audio_used(self, lengths: list[int], *, max_sample_size: int, pad_audio: bool) -> float:
+        """Fraction of the audio of `lengths` this epoch's batches (all ranks) train on, after cropping.
+
+        Without pad_audio every file of a batch is cropped to the shortest (fairseq's default), and files shorter
+        than min_sample_size never train: batches of files of near-equal length waste least.
+        """
+        used = 0
+        for batch in self.all_batches:
+            sizes = [min(lengths[i], max_sample_size) for i in batch]
+            used += sum(sizes) if pad_audio else min(sizes) * len(sizes)
+        return used / max(sum(lengths), 1)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for number, rows in self.batches[self.skip :]:
