@@ -210,9 +210,12 @@ class LogMelFrontEnd(nn.Module):
 
         super().__init__()
         self.mel_bins, self.conv_layers = mel_bins, conv_layers
-        fbank = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 20.0, 8000.0, mel_bins, 16_000, mel_scale="htk")
+        with torch.device("cpu"):  # constants, not in state dicts: real even when the model is built on "meta"
+            fbank = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 20.0, 8000.0, mel_bins, 16_000,
+                                                          mel_scale="htk")  # fmt: skip
+            window = torch.hann_window(MEL_WINDOW, periodic=False)
         self.fbank = nn.Buffer(fbank, persistent=False)  # (N_FFT // 2 + 1, mel_bins)
-        self.window = nn.Buffer(torch.hann_window(MEL_WINDOW, periodic=False), persistent=False)
+        self.window = nn.Buffer(window, persistent=False)
 
     def forward(self, waveforms: Tensor) -> Tensor:
         batch, frames = waveforms.shape[0], conv_frames(waveforms.shape[1], self.conv_layers)
