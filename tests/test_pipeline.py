@@ -176,6 +176,20 @@ def test_the_summary_shows_the_unit_table_each_iterations_best_and_the_mlflow_co
     assert "PNMI at k=30: it2 best layer > it1 best layer > MFCC" in text
     assert f"sqlite:///{project.resolve()}/mlruns/mlflow.db" in text
 
+
+@pytest.mark.slow
+def test_reference_curves_read_every_step_of_both_iterations_from_mlflow(project, tmp_path):
+    from hubert_pipeline.curves import band, collect, plot
+
+    table = collect(f"sqlite:///{project}/mlruns/mlflow.db", "hubert-pipeline", {"a": "", "b": ""})
+    train_steps = table.filter((pl.col("run") == "a") & (pl.col("kind") == "pretrain") & (pl.col("iteration") == 1))
+    assert train_steps["step"].to_list() == list(range(2, TINY["train_it1"]["max_steps"] + 1, 2))  # log_interval 2
+    bands = band(table)
+    assert set(bands["runs"].to_list()) == {2}
+    assert (bands["loss_min"] == bands["loss_max"]).all()  # the same run twice: a band of zero width
+    plot(bands, tmp_path / "curves.png", "test")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
 @pytest.mark.slow
 def test_the_same_seeds_give_the_same_unit_quality_table_when_everything_after_the_mfcc_units_reruns(project):
     before = (project / "metrics" / "unit_quality.json").read_text()

@@ -188,7 +188,7 @@ def optimization_step(
         autocast = torch.autocast(device.type, dtype=opt.autocast_dtype, enabled=opt.autocast_dtype is not None)
         with ctx, autocast:
             frame_loss, out = forward_model(
-                batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask
+                batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask, lengths=batch.lengths
             )
             n = frame_loss.numel()
             total = frame_loss.float().sum() + cfg.feature_penalty * out["feature_penalty"].float() * n
@@ -368,6 +368,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
         return path
 
     last_path = checkpoint_path(out_dir, step)
+    lengths = [int(r["num_samples"]) for r in rows]
     meters: dict[str, float] = {}
     window_start, window_audio = time.perf_counter(), 0.0
     with ExitStack() as stack:
@@ -380,6 +381,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
             sampler.set_epoch(epoch, skip=steps_in_epoch * cfg.accumulate)
             steps_per_epoch = sampler.batches_per_epoch // cfg.accumulate
             collator.epoch = epoch
+            audio_used = sampler.audio_used(lengths, max_sample_size=cfg.max_sample_size, pad_audio=cfg.pad_audio)
             batches = iter(loader)
             while steps_in_epoch < steps_per_epoch and step < cfg.max_steps:
                 micro = [next(batches).to(device) for _ in range(cfg.accumulate)]
@@ -409,6 +411,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
                         "audio_seconds_per_second": window_audio / elapsed
                     }
                     logged["epoch"] = float(epoch)
+                    logged["epoch_audio_used"] = audio_used  # fraction of the training audio this epoch trains on
                     if is_main:
                         pbar.set_postfix(loss=f"{logged['train_loss']:.3f}", acc=f"{logged['train_accuracy']:.3f}")
                         if log_fn is not None:
