@@ -22,8 +22,8 @@ if __name__ == "__main__":
 
     from hubert_pipeline.kmeans import load_centroids
     from hubert_pipeline.launch import run_distributed, training_processes
-    from hubert_pipeline.presets import batch_shortfall
     from hubert_pipeline.params import load_params
+    from hubert_pipeline.presets import batch_shortfall
     from hubert_pipeline.tracking import stage_run, tracking_uri
     from hubert_pipeline.train import list_checkpoints, train_process
 

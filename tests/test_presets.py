@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from hubert_pipeline.presets import RECIPES, apply_rows, batch_shortfall, recipe
 
 REPO = Path(__file__).resolve().parents[1]
 # The values of fairseq's examples/hubert/config/pretrain/hubert_{base_librispeech,large_librivox,xlarge_librivox}.yaml
-FAIRSEQ = {
+FAIRSEQ: dict[str, dict[str, Any]] = {
     "base": {"distributed_world_size": 32, "max_tokens": 1_400_000, "lr": 0.0005, "clip_norm": 10.0,
              "normalize": False, "model": {"encoder_layers": 12, "encoder_embed_dim": 768, "final_dim": 256,
                                            "extractor_mode": "group_norm", "encoder_layerdrop": 0.05}},
@@ -52,15 +53,24 @@ def test_each_recipe_gives_fairseqs_values_and_its_samples_per_update_on_any_gpu
             SHARED["warmup_updates"], SHARED["weight_decay"], SHARED["adam_betas"], SHARED["adam_eps"],
             SHARED["loss_weights"])  # fmt: skip
         assert (cfg.min_sample_size, cfg.max_sample_size, cfg.pad_audio, cfg.mask_prob) == (
-            SHARED["min_sample_size"], SHARED["max_sample_size"], SHARED["pad_audio"], SHARED["mask_prob"])
+            SHARED["min_sample_size"],
+            SHARED["max_sample_size"],
+            SHARED["pad_audio"],
+            SHARED["mask_prob"],
+        )
         processes = p.execution.slurm.nodes * p.execution.slurm.gpus_per_node
         assert processes == gpus
         assert processes * cfg.accumulate * cfg.max_batch_samples == fs["distributed_world_size"] * fs["max_tokens"]
     model = HubertConfig.preset(p.model.size, **p.model.overrides)
     assert (model.encoder_num_layers, model.encoder_embed_dim, model.final_dim) == (
-        fs["model"]["encoder_layers"], fs["model"]["encoder_embed_dim"], fs["model"]["final_dim"])
+        fs["model"]["encoder_layers"],
+        fs["model"]["encoder_embed_dim"],
+        fs["model"]["final_dim"],
+    )
     assert (model.extractor_mode, model.encoder_layer_drop) == (
-        fs["model"]["extractor_mode"], fs["model"]["encoder_layerdrop"])
+        fs["model"]["extractor_mode"],
+        fs["model"]["encoder_layerdrop"],
+    )
     assert p.model.recipe == name
 
 
@@ -73,7 +83,7 @@ def test_large_starts_from_a_base_iteration_two_teacher_at_layer_nine_and_leaves
 
 
 def test_more_gpus_than_the_recipe_split_its_batch_and_impossible_counts_are_refused():
-    rows = dict((k, v) for _, k, v in recipe_rows(RECIPES["base"], 64))
+    rows = {k: v for _, k, v in recipe_rows(RECIPES["base"], 64)}
     assert (rows["train_it1.accumulate"], rows["train_it1.max_batch_samples"]) == (1, 700_000)
     with pytest.raises(ValueError, match="cannot be split over 12 GPUs"):
         recipe_rows(RECIPES["base"], 12)

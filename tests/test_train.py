@@ -221,8 +221,15 @@ def test_batches_of_neighbouring_lengths_train_on_more_of_the_audio_than_coarse_
     lengths = rng.integers(32_000, 210_000, size=300).tolist()  # 2 to 13 s, like the demo corpus
 
     def used(num_buckets, pad_audio=False):
-        sampler = ResumableBatchSampler(lengths, max_batch_samples=480_000, min_sample_size=32_000,
-                                        max_sample_size=250_000, num_buckets=num_buckets, seed=0, shuffle=True)  # fmt: skip
+        sampler = ResumableBatchSampler(
+            lengths,
+            max_batch_samples=480_000,
+            min_sample_size=32_000,
+            max_sample_size=250_000,
+            num_buckets=num_buckets,
+            seed=0,
+            shuffle=True,
+        )
         return sampler.audio_used(lengths, max_sample_size=250_000, pad_audio=pad_audio)
 
     assert used(20, pad_audio=True) == pytest.approx(1.0)

@@ -315,8 +315,10 @@ class HuBERT(nn.Module):
         return GradMultiply.apply(x, mult) if mult not in {0.0, 1.0} and torch.is_grad_enabled() else x
 
     def _needs_one_by_one(self, waveforms: Tensor, lengths: Tensor | None) -> bool:
-        return self.config.extractor_mode == "group_norm" and lengths is not None and bool(
-            (lengths != waveforms.shape[1]).any()
+        return (
+            self.config.extractor_mode == "group_norm"
+            and lengths is not None
+            and bool((lengths != waveforms.shape[1]).any())
         )
 
     def _one_by_one(self, waveforms: Tensor, lengths: Tensor) -> Tensor:

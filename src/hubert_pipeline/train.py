@@ -188,7 +188,11 @@ def optimization_step(
         autocast = torch.autocast(device.type, dtype=opt.autocast_dtype, enabled=opt.autocast_dtype is not None)
         with ctx, autocast:
             frame_loss, out = forward_model(
-                batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask, lengths=batch.lengths
+                batch.waveforms,
+                batch.labels,
+                mask=batch.mask,
+                attention_mask=batch.attention_mask,
+                lengths=batch.lengths,
             )
             n = frame_loss.numel()
             total = frame_loss.float().sum() + cfg.feature_penalty * out["feature_penalty"].float() * n

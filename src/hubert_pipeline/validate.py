@@ -77,7 +77,11 @@ def validate_checkpoints(
         for cpu_batch in batches:
             batch = cpu_batch.to(device)
             frame_loss, out = model(
-                batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask, lengths=batch.lengths
+                batch.waveforms,
+                batch.labels,
+                mask=batch.mask,
+                attention_mask=batch.attention_mask,
+                lengths=batch.lengths,
             )
             loss_sum += float(frame_loss.double().sum())
             correct += int(out["correct"].sum())
