@@ -91,7 +91,7 @@ case "$cmd" in
     setup
     log "running the pipeline on the demo corpus (dvc repro)"
     uv run --frozen dvc repro "$@"
-    uv run --frozen dvc metrics show
+    uv run --frozen python -m hubert_pipeline.summary   # the unit-quality table, best checkpoints and layers, MLflow UI
     ;;
   test)
     setup

@@ -4,6 +4,7 @@ With train_itN.processes > 1, that many local processes train with DDP (gloo on 
 `execution.executor: slurm`, one SLURM job of nodes x tasks trains instead, requeued on preemption or time-out.
 """
 
+import logging
 from pathlib import Path
 
 import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
@@ -22,8 +23,9 @@ if __name__ == "__main__":
     import mlflow
 
     from hubert_pipeline.kmeans import load_centroids
-    from hubert_pipeline.launch import run_distributed
+    from hubert_pipeline.launch import run_distributed, training_processes
     from hubert_pipeline.params import load_params
+    from hubert_pipeline.presets import batch_shortfall
     from hubert_pipeline.tracking import stage_run, tracking_uri
     from hubert_pipeline.train import list_checkpoints, train_process
 
@@ -47,6 +49,12 @@ if __name__ == "__main__":
     ) as run:
         if resumed:
             mlflow.set_tag("resumed_from_step", str(resumed[-1][0]))
+        world = training_processes(params.execution, cfg.processes)
+        seconds = world * cfg.accumulate * cfg.max_batch_samples / 16_000  # at most: batches are filled by length
+        mlflow.log_metric("audio_seconds_per_update_max", seconds)
+        if warning := batch_shortfall(params.model.recipe, seconds):
+            logging.getLogger("pretrain").warning("%s", warning)
+            mlflow.set_tag("batch_below_recipe", warning)
         kwargs |= {"run_id": run.info.run_id, "tracking_uri": tracking_uri(params.mlflow)}
         run_distributed(train_process, kwargs, execution=params.execution, desc=f"pretrain_it{args.iteration}",
                         processes=cfg.processes)  # fmt: skip

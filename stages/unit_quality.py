@@ -1,6 +1,7 @@
 """Stage unit_quality: unit quality across iterations on one table, beside ABX.
 
-Rows: the MFCC units (targets of iteration 1), the it1 best-layer units (targets of iteration 2), and the units of
+Rows: the MFCC units (targets of iteration 1, k = kmeans.k_it1), MFCC units at the layers' k (kmeans.k: PNMI grows
+with k, so layers are compared with these), the it1 best-layer units (targets of iteration 2), and the units of
 the it2 model's best layer (what an iteration 3 would train on: k-means with k = kmeans.k on the same fitting
 subset, valid split only). Columns: PNMI, phone purity, cluster purity on the valid split, and ABX (within and
 across speakers) of MFCC and of each model's best layer. Written as a DVC metrics file and logged to MLflow.
@@ -16,6 +17,7 @@ from hubert_pipeline.cli import parser, setup_logging
 if __name__ == "__main__":
     p = parser(__doc__)
     p.add_argument("manifests", help="folder with train.csv and valid.csv")
+    p.add_argument("mfcc", help="folder with the MFCC train/ and valid/ stores")
     p.add_argument("units_it1", help="metrics/units_it1.json")
     p.add_argument("units_it2", help="metrics/units_it2.json")
     p.add_argument("abx_it1", help="outputs/abx/it1 (scores.json)")
@@ -38,7 +40,7 @@ if __name__ == "__main__":
     from hubert_pipeline.summary import experiment_summary
     from hubert_pipeline.tracking import stage_run
     from hubert_pipeline.unit_metrics import unit_quality
-    from hubert_pipeline.units import read_units, stream_units_for_split
+    from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
     params = load_params(args.params)
     if not params.data.alignments:
@@ -48,18 +50,30 @@ if __name__ == "__main__":
     layer = int(scores["it2"]["best_layer"])
     work = Path(args.work)
     it2 = params.iteration2
+    cfg = params.kmeans
+
+    def fit(store: Path, centroids: Path, fit_fraction: float, metadata: dict[str, str]) -> None:
+        fit = {"store": str(store), "k": cfg.k, "fit_fraction": fit_fraction, "seed": cfg.seed,
+               "max_iter": cfg.max_iter, "tol": cfg.tol, "n_init": cfg.n_init, "chunk_frames": cfg.chunk_frames,
+               "device": params.execution.device}  # fmt: skip
+        result = run_job(fit_kmeans, fit, execution=params.execution, desc=f"unit_quality-kmeans-{centroids.stem}",
+                         gpu=True)  # fmt: skip
+        save_centroids(centroids, result, metadata)
+
     with stage_run("unit_quality", mlflow_params=params.mlflow, params={"kmeans.k": params.kmeans.k}, iteration=2):
+        work.mkdir(parents=True, exist_ok=True)
+        fit(Path(args.mfcc) / "train", work / "mfcc_centroids.safetensors", cfg.fit_fraction, {"source": "mfcc"})
+        units_for_split(
+            Path(args.manifests) / "valid.csv", Path(args.mfcc) / "valid", work / "mfcc_centroids.safetensors",
+            work / "mfcc_valid.jsonl", tolerance=params.units.length_tolerance, execution=params.execution,
+        )  # fmt: skip
+        mfcc_at_k = unit_quality(read_units(work / "mfcc_valid.jsonl"), Path(params.data.alignments) / "valid.jsonl")
         extract_layer_features(
             str(Path(args.manifests) / "train.csv"), work / "features", teacher=args.model_it2, layer=layer,
             fit_fraction=params.kmeans.fit_fraction, seed=params.kmeans.seed, num_shards=it2.num_shards,
             dtype=it2.dtype, normalize=params.train_it2.normalize, execution=params.execution,
         )  # fmt: skip
-        cfg = params.kmeans
-        fit = {"store": str(work / "features"), "k": cfg.k, "fit_fraction": 1.0, "seed": cfg.seed,
-               "max_iter": cfg.max_iter, "tol": cfg.tol, "n_init": cfg.n_init, "chunk_frames": cfg.chunk_frames,
-               "device": params.execution.device}  # fmt: skip
-        result = run_job(fit_kmeans, fit, execution=params.execution, desc="unit_quality-kmeans", gpu=True)
-        save_centroids(work / "centroids.safetensors", result, {"iteration": "3", "layer": str(layer)})
+        fit(work / "features", work / "centroids.safetensors", 1.0, {"iteration": "3", "layer": str(layer)})
         stream_units_for_split(
             Path(args.manifests) / "valid.csv", work / "valid.jsonl", teacher=args.model_it2, layer=layer,
             centroids=work / "centroids.safetensors", num_shards=it2.num_shards, normalize=params.train_it2.normalize,
@@ -71,6 +85,7 @@ if __name__ == "__main__":
         best = {it: int(s["best_layer"]) for it, s in scores.items()}
         rows = {
             "mfcc": {"source": "MFCC", "k": cfg.k_it1, **it1_units, **scores["it1"]["mfcc"]},
+            "mfcc_at_k": {"source": "MFCC", "k": cfg.k, **mfcc_at_k, **scores["it1"]["mfcc"]},
             "it1_best_layer": {"source": f"it1 layer {best['it1']}", "k": cfg.k, **it2_units,
                                **scores["it1"][f"layer_{best['it1']}"]},
             "it2_best_layer": {"source": f"it2 layer {best['it2']}", "k": cfg.k, **it3,

@@ -2,6 +2,7 @@
 plotted and registered in MLflow's model registry under alias itN."""
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
@@ -31,7 +32,7 @@ if __name__ == "__main__":
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import register_model, stage_run
     from hubert_pipeline.train import list_checkpoints
-    from hubert_pipeline.validate import choose, plot_scores, validate_checkpoints
+    from hubert_pipeline.validate import choose, health_warning, plot_scores, validate_checkpoints
 
     params = load_params(args.params)
     train_cfg = params.train_it1 if args.iteration == 1 else params.train_it2
@@ -49,6 +50,10 @@ if __name__ == "__main__":
             execution=params.execution, desc=f"validate_it{args.iteration}", gpu=True,
         )  # fmt: skip
         best = choose(scores, params.validate.rule)
+        if warning := health_warning(scores, train_cfg.max_steps):
+            logging.getLogger("validate").warning("%s", warning)
+            mlflow.set_tag("not_learning", warning)
+        mlflow.log_metrics({"commonest_unit_rate": best.commonest_rate, "not_learning": float(warning is not None)})
         for s in scores:
             mlflow.log_metrics({"valid_loss": s.loss, "valid_accuracy": s.accuracy}, step=s.step)
         table = pl.DataFrame([{"step": s.step, "loss": s.loss, "accuracy": s.accuracy} for s in scores])
@@ -63,6 +68,8 @@ if __name__ == "__main__":
             "best_step": best.step,
             "best_loss": best.loss,
             "best_accuracy": best.accuracy,
+            "commonest_unit_rate": best.commonest_rate,
+            "learning": warning is None,
             "rule": params.validate.rule,
             "checkpoints": [dataclasses.asdict(s) | {"path": Path(s.path).name} for s in scores],
         }

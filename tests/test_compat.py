@@ -370,3 +370,15 @@ def test_convert_cli_writes_a_transformers_folder(tmp_path, monkeypatch, wavefor
     hf = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert_close(hf(waveforms).last_hidden_state, hidden(ours, waveforms), atol=ATOL, rtol=ATOL)
+
+
+def test_a_log_mel_model_round_trips_in_our_layout_and_is_refused_by_the_transformers_export(tmp_path, waveforms):
+    ours = seeded(HuBERT, HubertConfig.preset("tiny", frontend="log_mel")).eval()
+    save_native(ours, tmp_path / "mel")
+    loaded = HuBERT.from_pretrained(tmp_path / "mel")
+    assert loaded.config.frontend == "log_mel"
+    with torch.no_grad():
+        assert_close(loaded(waveforms), ours(waveforms))
+    with pytest.raises(ValueError, match="log_mel front end has no transformers equivalent"):
+        export_hf(ours, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

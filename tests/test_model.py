@@ -247,3 +247,58 @@ def test_inconsistent_config_is_rejected():
         tiny(encoder_num_heads=3)
     with pytest.raises(ValueError, match="extractor_mode"):
         tiny(extractor_mode="batch_norm")
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+def test_every_transformer_linear_starts_as_fairseq_init_bert_params(size):
+    # fairseq's TransformerEncoder applies init_bert_params: N(0, 0.02) and zero bias for q, k, v, out and the
+    # feed-forward; spidr's order of init let xavier win for q/k/v/out (std 0.044 / 0.088 on tiny).
+    model = seeded(HuBERT, HubertConfig.preset(size))
+    linears = [m for m in model.encoder.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 * model.config.encoder_num_layers
+    for linear in linears:
+        assert abs(float(linear.weight.detach().std()) - 0.02) < 0.001
+        assert abs(float(linear.weight.detach().mean())) < 0.001
+        assert not linear.bias.any()
+
+
+@pytest.mark.parametrize("num_samples", [400, 401, 559, 560, 719, 720, 16_000, 33_333])
+def test_log_mel_front_end_gives_the_conv_extractors_frames_and_holds_no_weights(num_samples):
+    model = seeded(HuBERT, tiny(frontend="log_mel")).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, num_samples))
+    assert out.shape == (2, model_frames(num_samples), 128)
+    assert not any(k.startswith("feature_extractor.") for k in model.state_dict())
+
+
+def test_log_mel_frame_i_sees_the_audio_from_sample_320_i_only():
+    # Frame i stacks the 10 ms frames 2i and 2i+1: samples [320 i, 320 i + 560). Changing audio after that leaves it.
+    model = seeded(HuBERT, tiny(frontend="log_mel")).eval()
+    audio = torch.randn(1, 16_000)
+    changed = audio.clone()
+    changed[0, 320 * 10 + 560 :] = 0.0
+    before, after = model.feature_extractor(audio), model.feature_extractor(changed)
+    assert_close(before[:, :11], after[:, :11])
+    assert not torch.allclose(before[:, 11], after[:, 11])
+
+
+@pytest.mark.parametrize("frontend", ["conv", "log_mel"])
+def test_a_files_loss_is_the_same_alone_and_padded_in_a_batch_of_other_lengths(frontend):
+    # Conv layer 0's GroupNorm normalises over time: a padded file would be scored on other statistics than alone.
+    model = seeded(HuBERTPretrain, tiny(frontend=frontend, encoder_dropout=0.0, encoder_attention_dropout=0.0,
+                                        encoder_projection_dropout=0.0), NUM_CLASSES).eval()  # fmt: skip
+    torch.manual_seed(1)
+    lengths = torch.tensor([16_000, 9_600, 12_800])
+    waveforms = torch.zeros(3, 16_000)
+    for i, n in enumerate(lengths):
+        waveforms[i, :n] = torch.randn(int(n))
+    frames = torch.tensor([model_frames(int(n)) for n in lengths])
+    labels = torch.randint(NUM_CLASSES, (3, int(frames.max())))
+    padding = torch.arange(labels.shape[1]) >= frames[:, None]
+    labels[padding] = -1
+    mask = (torch.rand(labels.shape) < 0.5) & ~padding
+    with torch.no_grad():
+        batch_loss, _ = model(waveforms, labels, mask=mask, attention_mask=~padding[:, None, None, :], lengths=lengths)
+        alone = [model(waveforms[i : i + 1, :n], labels[i : i + 1, : frames[i]], mask=mask[i : i + 1, : frames[i]],
+                       attention_mask=None)[0] for i, n in enumerate(lengths)]  # fmt: skip
+    assert_close(batch_loss, torch.cat(alone), rtol=1e-4, atol=1e-4)

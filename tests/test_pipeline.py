@@ -140,11 +140,13 @@ def test_abx_per_layer_is_a_metric_and_a_png_and_feeds_iteration_two(project):
 @pytest.mark.slow
 def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project):
     table = json.loads((project / "metrics" / "unit_quality.json").read_text())
-    assert sorted(table) == ["it1_best_layer", "it2_best_layer", "mfcc"]
+    assert sorted(table) == ["it1_best_layer", "it2_best_layer", "mfcc", "mfcc_at_k"]
     best = {it: json.loads((project / "outputs" / "abx" / it / "best_layer.json").read_text())["layer"]
             for it in ("it1", "it2")}  # fmt: skip
     assert table["it1_best_layer"]["source"] == f"it1 layer {best['it1']}"
     assert table["mfcc"]["k"] == TINY["kmeans"]["k_it1"]
+    assert table["mfcc_at_k"]["k"] == table["it1_best_layer"]["k"] == TINY["kmeans"]["k"]  # compared at equal k
+    assert table["mfcc_at_k"]["pnmi"] != table["mfcc"]["pnmi"]
     assert table["it2_best_layer"]["k"] == TINY["kmeans"]["k"]
     units_it2 = json.loads((project / "metrics" / "units_it2.json").read_text())["valid"]
     assert table["it1_best_layer"]["pnmi"] == units_it2["pnmi"]
@@ -158,6 +160,43 @@ def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project
     (run_,) = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list",
                                  filter_string="tags.stage = 'unit_quality'")  # fmt: skip
     assert run_.data.metrics["it2_best_layer_pnmi"] == table["it2_best_layer"]["pnmi"]
+
+
+@pytest.mark.slow
+def test_the_summary_shows_the_unit_table_each_iterations_best_and_the_mlflow_command(project):
+    from hubert_pipeline.summary import summary
+
+    text = summary(project)
+    table = json.loads((project / "metrics" / "unit_quality.json").read_text())
+    it1 = table["it1_best_layer"]
+    assert f"| {it1['source']} | {it1['k']} | {it1['pnmi']:.3f} |" in text
+    assert f"| MFCC | {TINY['kmeans']['k']} |" in text
+    validation = json.loads((project / "metrics" / "validate_it1.json").read_text())
+    assert f"iteration 1: best checkpoint step {validation['best_step']}" in text
+    assert "PNMI at k=30: it2 best layer > it1 best layer > MFCC" in text
+    assert f"sqlite:///{project.resolve()}/mlruns/mlflow.db" in text
+
+
+@pytest.mark.slow
+def test_reference_curves_read_every_step_of_both_iterations_from_mlflow(project, tmp_path):
+    from hubert_pipeline.curves import band, collect, plot
+
+    table = collect(f"sqlite:///{project}/mlruns/mlflow.db", "hubert-pipeline", {"a": "", "b": ""})
+    train_steps = table.filter((pl.col("run") == "a") & (pl.col("kind") == "pretrain") & (pl.col("iteration") == 1))
+    assert train_steps["step"].to_list() == [2, 4, 6]  # TINY: 6 steps, log_interval 2
+    bands = band(table)
+    assert set(bands["runs"].to_list()) == {2}
+    assert (bands["loss_min"] == bands["loss_max"]).all()  # the same run twice: a band of zero width
+    plot(bands, tmp_path / "curves.png", "test")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_the_same_seeds_give_the_same_unit_quality_table_when_everything_after_the_mfcc_units_reruns(project):
+    before = (project / "metrics" / "unit_quality.json").read_text()
+    shutil.rmtree(project / "outputs" / "pretrain")  # checkpoints persist across runs: start both iterations afresh
+    run(["dvc", "repro", "--force", "--downstream", "pretrain_it1"], project)
+    assert (project / "metrics" / "unit_quality.json").read_text() == before
 
 
 @pytest.mark.slow

@@ -38,6 +38,8 @@ CFG = TrainParams(
     mask_length=4,
 )
 
+VALID = ValidateParams(max_batch_samples=200_000)
+
 
 def make_manifest(folder, n_files=12, classes=8):
     """Files alternating between pitches; the unit of a frame is its pitch class: learnable from the audio."""
@@ -103,11 +105,15 @@ def test_resumed_run_gives_the_losses_and_weights_of_an_uninterrupted_run(manife
 
 
 @pytest.mark.slow
-def test_training_loss_falls_on_learnable_units(manifest, tmp_path):
+def test_training_loss_falls_on_learnable_units_and_validation_finds_it_learning(manifest, tmp_path):
+    from hubert_pipeline.validate import health_warning
+
     cfg = replace(CFG, max_steps=40, warmup_steps=5, save_interval=20, lr=2e-3)
     losses = run_train(manifest, tmp_path, cfg)
     first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(36, 41)])
     assert last < first - 0.15, (first, last)
+    scores = validate_checkpoints(manifest, list_checkpoints(tmp_path), cfg=VALID, train_cfg=cfg)
+    assert health_warning(scores, cfg.max_steps) is None, scores
 
 
 def test_non_finite_loss_stops_training_with_an_error_naming_the_step(manifest, tmp_path):
@@ -169,3 +175,63 @@ def test_raising_max_steps_resumes_the_same_run(manifest, tmp_path):
     run_train(manifest, tmp_path, replace(CFG, max_steps=2))
     losses = run_train(manifest, tmp_path, replace(CFG, max_steps=4))
     assert sorted(losses) == [3, 4]
+
+
+def shuffled_units(manifest, out_folder):
+    """The same files with every file's units permuted: nothing about a frame's unit is in its audio."""
+    rng = np.random.default_rng(1)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for row in rows:
+        row["units"] = rng.permutation(row["units"]).tolist()
+    out = out_folder / "shuffled.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.mark.slow
+def test_validation_flags_a_run_on_shuffled_units(manifest, tmp_path):
+    from hubert_pipeline.validate import health_warning
+
+    cfg = replace(CFG, max_steps=8, warmup_steps=2, save_interval=4, lr=2e-3)
+    units = shuffled_units(manifest, tmp_path)
+    run_train(units, tmp_path / "run", cfg)
+    scores = validate_checkpoints(units, list_checkpoints(tmp_path / "run"), cfg=VALID, train_cfg=cfg)
+    assert 0.125 <= scores[0].commonest_rate < 0.5  # 8 pitch classes
+    warning = health_warning(scores, cfg.max_steps)
+    assert warning is not None
+    assert "under twice the commonest-unit rate" in warning
+
+
+def test_the_health_check_looks_only_at_checkpoints_past_half_of_the_run():
+    from hubert_pipeline.validate import CheckpointScore, health_warning
+
+    def score(step, accuracy):
+        return CheckpointScore(step, f"step_{step}.pt", 1.0, accuracy, 100, commonest_rate=0.05)
+
+    assert health_warning([score(100, 0.05), score(300, 0.11), score(400, 0.12)], max_steps=400) is None
+    warning = health_warning([score(100, 0.30), score(300, 0.09), score(400, 0.12)], max_steps=400)
+    assert warning is not None
+    assert "0.0900 at step 300 (of 400)" in warning
+
+
+def test_batches_of_neighbouring_lengths_train_on_more_of_the_audio_than_coarse_buckets():
+    from hubert_pipeline.data import ResumableBatchSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(32_000, 210_000, size=300).tolist()  # 2 to 13 s, like the demo corpus
+
+    def used(num_buckets, pad_audio=False):
+        sampler = ResumableBatchSampler(
+            lengths,
+            max_batch_samples=480_000,
+            min_sample_size=32_000,
+            max_sample_size=250_000,
+            num_buckets=num_buckets,
+            seed=0,
+            shuffle=True,
+        )
+        return sampler.audio_used(lengths, max_sample_size=250_000, pad_audio=pad_audio)
+
+    assert used(20, pad_audio=True) == pytest.approx(1.0)
+    assert used(150) > used(20) + 0.01
+    assert used(150) > 0.98

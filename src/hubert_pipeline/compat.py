@@ -386,6 +386,11 @@ def hf_config(model: HuBERT) -> dict[str, Any]:
 
 def export_hf(model: HuBERT, out_dir: str | Path) -> None:
     """Write a transformers `HubertModel` folder (config.json + model.safetensors), atomically."""
+    if model.config.frontend != "conv":
+        raise ValueError(
+            f"a model with the {model.config.frontend} front end has no transformers equivalent (HubertModel reads "
+            "waveforms through the conv extractor): keep it in our layout (--to native)"
+        )
     sd: dict[str, Tensor] = {}
     for key, tensor in model.state_dict().items():
         if key.startswith("logit_generator."):

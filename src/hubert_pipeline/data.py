@@ -35,6 +35,7 @@ class Batch:
     attention_mask: Tensor | None  # (B, 1, 1, F) bool, True = attend; None without padding
     mask: Tensor  # (B, F) bool, True = masked frame (never on padding)
     audio_seconds: float
+    lengths: Tensor | None = None  # (B,) samples of each waveform; None without padding
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(
@@ -43,6 +44,7 @@ class Batch:
             None if self.attention_mask is None else self.attention_mask.to(device, non_blocking=True),
             self.mask.to(device, non_blocking=True),
             self.audio_seconds,
+            None if self.lengths is None else self.lengths.to(device, non_blocking=True),
         )
 
 
@@ -106,8 +108,10 @@ class Collator:
         frames = torch.tensor([model_frames(w.numel()) for w, _ in crops])
         padding = torch.arange(labels.shape[1]).expand(len(items), -1) >= frames[:, None]
         mask = mask_from_index(self.mask_generator(padding, generator=generator)[0], labels.shape[1]) & ~padding
-        attention_mask = ~padding[:, None, None, :] if bool(padding.any()) else None
-        return Batch(waveforms, labels, attention_mask, mask, sum(w.numel() for w, _ in crops) / 16_000)
+        padded = bool(padding.any())
+        attention_mask = ~padding[:, None, None, :] if padded else None
+        lengths = torch.tensor([w.numel() for w, _ in crops]) if padded else None
+        return Batch(waveforms, labels, attention_mask, mask, sum(w.numel() for w, _ in crops) / 16_000, lengths)
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -156,6 +160,7 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             batches = [batches[i] for i in perm]
         usable = len(batches) - len(batches) % self.group  # every step of every rank gets full micro-batches
+        self.all_batches = batches[:usable]  # of every rank, this epoch
         self.batches = [(n, batches[n]) for n in range(self.rank, usable, self.world_size)]
 
     def __len__(self) -> int:
@@ -164,6 +169,18 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     @property
     def batches_per_epoch(self) -> int:
         return len(self.batches)
+
+    def audio_used(self, lengths: list[int], *, max_sample_size: int, pad_audio: bool) -> float:
+        """Fraction of the audio of `lengths` this epoch's batches (all ranks) train on, after cropping.
+
+        Without pad_audio every file of a batch is cropped to the shortest (fairseq's default), and files shorter
+        than min_sample_size never train: batches of files of near-equal length waste least.
+        """
+        used = 0
+        for batch in self.all_batches:
+            sizes = [min(lengths[i], max_sample_size) for i in batch]
+            used += sum(sizes) if pad_audio else min(sizes) * len(sizes)
+        return used / max(sum(lengths), 1)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for number, rows in self.batches[self.skip :]:

@@ -119,6 +119,13 @@ def run_job[R](
     return fn(**kwargs)
 
 
+def training_processes(execution: ExecutionParams, processes: int) -> int:
+    """Processes of a training run: `processes` locally, nodes x tasks per node (one per GPU) on SLURM."""
+    if execution.executor == "slurm":
+        return execution.slurm.nodes * (execution.slurm.gpus_per_node or execution.slurm.tasks_per_node)
+    return max(1, processes)
+
+
 def run_distributed(fn: Callable[..., Any], kwargs: dict[str, Any], *, execution: ExecutionParams, desc: str,
                     processes: int) -> None:  # fmt: skip
     """fn(**kwargs, stop_requested=...) in every process of a DDP group (RANK, WORLD_SIZE, MASTER_* set).

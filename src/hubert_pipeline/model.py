@@ -13,6 +13,7 @@ The modules are built exactly as `minimal_hubert` builds them, so state dicts ar
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self, cast
@@ -37,6 +38,7 @@ type Size = Literal["tiny", "base", "large", "xlarge"]
 
 SIZES: tuple[Size, ...] = ("tiny", "base", "large", "xlarge")
 FAIRSEQ_CONV_LAYERS: tuple[tuple[int, int, int], ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+N_FFT, MEL_WINDOW, MEL_HOP = 512, 400, 160  # the log-mel front end: 25 ms windows every 10 ms at 16 kHz
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,16 @@ class HubertConfig:
     pos_conv_groups: int = 16  # conv_pos_groups
     logit_temperature: float = 0.1  # logit_temp
     feature_grad_mult: float = 0.1  # feature_grad_mult: scale of the gradients into the conv extractor (1.0 = none)
+    # "conv": fairseq's waveform CNN. "log_mel": MelHuBERT's front end (no fairseq equivalent): 80 log-mel bands
+    # every 10 ms, two frames stacked per 20 ms frame; no learned extractor, about a third less compute at scale.
+    frontend: Literal["conv", "log_mel"] = "conv"
+    mel_bins: int = 80
 
     def __post_init__(self) -> None:
         layers = tuple(tuple(int(v) for v in layer) for layer in self.conv_layers)  # JSON/YAML give lists
         object.__setattr__(self, "conv_layers", layers)
+        if self.frontend not in {"conv", "log_mel"}:
+            raise ValueError(f"frontend must be 'conv' or 'log_mel', not {self.frontend!r}")
         if self.extractor_mode not in {"group_norm", "layer_norm"}:
             raise ValueError(f"extractor_mode must be 'group_norm' or 'layer_norm', not {self.extractor_mode!r}")
         if not layers or any(len(layer) != 3 for layer in layers):  # noqa: PLR2004
@@ -183,7 +191,45 @@ class LogitGenerator(nn.Module):
             return x @ embeddings.t() / self.logit_temp  # (N, C)
 
 
-def hubert_components(cfg: HubertConfig) -> tuple[FeatureExtractor, nn.Sequential, Transformer]:
+def conv_frames(num_samples: int, conv_layers: tuple[tuple[int, int, int], ...]) -> int:
+    """Frames of a conv extractor with these (channels, kernel, stride) layers for `num_samples` of audio."""
+    for _, kernel, stride in conv_layers:
+        num_samples = max((num_samples - kernel) // stride + 1, 0)
+    return num_samples
+
+
+class LogMelFrontEnd(nn.Module):
+    """MelHuBERT's front end: (B, T) audio -> (B, frames, 2 * mel_bins), the conv extractor's frames exactly.
+
+    Log-mel power every 10 ms over a 25 ms Hann window (HTK mel scale, 20 Hz-8 kHz); frame i stacks the 10 ms frames
+    2i and 2i+1, so it starts at sample 320 i like the conv extractor's frame i. No parameters: checkpoints hold none.
+    """
+
+    def __init__(self, mel_bins: int, conv_layers: tuple[tuple[int, int, int], ...]) -> None:
+        import torchaudio
+
+        super().__init__()
+        self.mel_bins, self.conv_layers = mel_bins, conv_layers
+        with torch.device("cpu"):  # constants, not in state dicts: real even when the model is built on "meta"
+            fbank = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 20.0, 8000.0, mel_bins, 16_000,
+                                                          mel_scale="htk")  # fmt: skip
+            window = torch.hann_window(MEL_WINDOW, periodic=False)
+        self.fbank = nn.Buffer(fbank, persistent=False)  # (N_FFT // 2 + 1, mel_bins)
+        self.window = nn.Buffer(window, persistent=False)
+
+    def forward(self, waveforms: Tensor) -> Tensor:
+        batch, frames = waveforms.shape[0], conv_frames(waveforms.shape[1], self.conv_layers)
+        x = F.pad(waveforms.float(), (0, MEL_HOP))  # the last frame's second half may need a 10 ms more
+        x = x.unfold(-1, MEL_WINDOW, MEL_HOP)[:, : 2 * frames]  # (B, 2 frames, MEL_WINDOW)
+        x = x - x.mean(dim=-1, keepdim=True)
+        power = torch.fft.rfft(x * self.window, n=N_FFT).abs().pow(2)  # (B, 2 frames, N_FFT // 2 + 1)
+        mel = torch.log(power @ self.fbank + 1e-6)  # (B, 2 frames, mel_bins)
+        return mel.reshape(batch, frames, 2 * self.mel_bins)
+
+
+def _front_end(cfg: HubertConfig) -> nn.Module:
+    if cfg.frontend == "log_mel":
+        return LogMelFrontEnd(cfg.mel_bins, cfg.conv_layers)
     blocks, in_channels = nn.ModuleList(), 1
     for i, (out_channels, kernel_size, stride) in enumerate(cfg.conv_layers):
         norm: nn.Module | None = None
@@ -193,7 +239,24 @@ def hubert_components(cfg: HubertConfig) -> tuple[FeatureExtractor, nn.Sequentia
             norm = nn.GroupNorm(num_groups=out_channels, num_channels=out_channels, affine=True)
         blocks.append(ConvLayerBlock(in_channels, out_channels, kernel_size, stride, norm, bias=False))
         in_channels = out_channels
-    feature_extractor = FeatureExtractor(blocks)
+    return FeatureExtractor(blocks)
+
+
+def init_bert_params(encoder: nn.Module) -> None:
+    """fairseq's `init_bert_params` on the transformer: every Linear N(0, 0.02) with zero bias (q, k, v included).
+
+    spidr's `Transformer.init_weights` reaches the Linear children before their attention parent, so its xavier
+    init of q/k/v/out wins there; fairseq's normal init wins everywhere in its TransformerEncoder.
+    """
+    for module in encoder.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+
+def hubert_components(cfg: HubertConfig) -> tuple[nn.Module, nn.Sequential, Transformer]:
+    feature_extractor = _front_end(cfg)
     pos_conv = ConvPositionalEmbedding(cfg.encoder_embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups, depth=1)
     conv = cast("nn.Conv1d", pos_conv.convs[0])
     nn.init.normal_(conv.weight, mean=0.0, std=math.sqrt(4.0 / (cfg.encoder_embed_dim * cfg.pos_conv_kernel)))
@@ -211,8 +274,10 @@ def hubert_components(cfg: HubertConfig) -> tuple[FeatureExtractor, nn.Sequentia
     encoder = Transformer(
         layers, pos_conv, cfg.encoder_dropout, cfg.encoder_layer_drop, layer_norm_first=not cfg.encoder_layer_norm_first
     )
+    init_bert_params(encoder.layers)
+    in_features = 2 * cfg.mel_bins if cfg.frontend == "log_mel" else cfg.conv_layers[-1][0]
     feature_projection = nn.Sequential(
-        FeatureProjection(cfg.conv_layers[-1][0], cfg.encoder_embed_dim),
+        FeatureProjection(in_features, cfg.encoder_embed_dim),
         nn.Dropout(cfg.encoder_projection_dropout),
     )
     return feature_extractor, feature_projection, encoder
@@ -228,17 +293,38 @@ class HuBERT(nn.Module):
         self.receptive_field = 1 + sum((k - 1) * math.prod(s for _, _, s in cfg.conv_layers[:i])
                                        for i, (_, k, _) in enumerate(cfg.conv_layers))  # fmt: skip
 
-    def _conv_features(self, waveforms: Tensor) -> Tensor:
+    def _conv_features(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
+        """(B, T) audio -> (B, frames, C) front-end features.
+
+        `lengths` (B,) gives each waveform's samples in a zero-padded batch. The group-norm extractor normalises
+        over time, so there each padded waveform goes through it alone and its features are the ones it would get
+        unpadded (fairseq crops batches instead); padded frames get zeros.
+        """
         if waveforms.ndim != 2:  # noqa: PLR2004
             raise ValueError(f"waveforms must be (batch, samples), got shape {tuple(waveforms.shape)}")
         if waveforms.shape[1] < self.receptive_field:
             raise ValueError(f"waveforms of {waveforms.shape[1]} samples: at least {self.receptive_field} needed")
+        if self.config.frontend == "log_mel":
+            return self.feature_extractor(waveforms)
         mult = self.config.feature_grad_mult
-        if mult == 0.0:
-            with torch.no_grad():
-                return self.feature_extractor(waveforms)
-        x = self.feature_extractor(waveforms)  # (B, frames, C)
-        return GradMultiply.apply(x, mult) if mult != 1.0 and torch.is_grad_enabled() else x
+        with nullcontext() if mult != 0.0 else torch.no_grad():
+            if self._needs_one_by_one(waveforms, lengths):
+                x = self._one_by_one(waveforms, cast("Tensor", lengths))
+            else:
+                x = self.feature_extractor(waveforms)  # (B, frames, C)
+        return GradMultiply.apply(x, mult) if mult not in {0.0, 1.0} and torch.is_grad_enabled() else x
+
+    def _needs_one_by_one(self, waveforms: Tensor, lengths: Tensor | None) -> bool:
+        return (
+            self.config.extractor_mode == "group_norm"
+            and lengths is not None
+            and bool((lengths != waveforms.shape[1]).any())
+        )
+
+    def _one_by_one(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
+        feats = [self.feature_extractor(w[None, : int(n)])[0] for w, n in zip(waveforms, lengths, strict=True)]
+        frames = conv_frames(waveforms.shape[1], self.config.conv_layers)
+        return torch.stack([F.pad(f, (0, 0, 0, frames - f.shape[0])) for f in feats])  # (B, frames, C)
 
     def forward(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
         """(B, T) audio -> (B, frames, D). `attention_mask`: bool (B, 1, 1, frames), True on real frames (spidr's)."""
@@ -312,16 +398,21 @@ class HuBERTPretrain(HuBERT):
         *,
         mask: Tensor | None,
         attention_mask: Tensor | None,
+        lengths: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Loss of every masked frame whose label is not padding (-1), flattened in (batch, frame) order.
 
         waveforms (B, T); labels (B, frames) with -1 on padding; mask (B, frames) bool, True = replaced by the mask
         embedding and predicted (None: nothing masked, every non-padding frame predicted). Returns
         `(loss (N,), {"logits_loss": (N,), "correct": (N,) bool, "feature_penalty": scalar})`; the feature penalty
-        (mean squared conv feature, fairseq's `features_pen`) is left for the trainer to weight.
+        (mean squared conv feature, fairseq's `features_pen`; 0 for the log-mel front end, which learns nothing) is
+        left for the trainer to weight. `lengths` (B,): samples of each waveform in a zero-padded batch.
         """
-        features = self._conv_features(waveforms)  # (B, frames, C)
-        feature_penalty = features.float().pow(2).mean()
+        features = self._conv_features(waveforms, lengths)  # (B, frames, C)
+        if self.config.frontend == "log_mel":
+            feature_penalty = features.new_zeros((), dtype=torch.float32)
+        else:
+            feature_penalty = features.float().pow(2).mean()
         x = self.feature_projection(features)  # (B, frames, D)
         if labels.shape != x.shape[:2]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match the model's frames {tuple(x.shape[:2])}")

@@ -118,6 +118,7 @@ class ModelParams:
     overrides: dict[str, Any] = dataclasses.field(
         default_factory=dict
     )  # HubertConfig fields, e.g. {encoder_layer_drop: 0}
+    recipe: Literal["", "base", "large", "xlarge"] = ""  # the fairseq recipe followed (hubert_pipeline.presets)
 
 
 @dataclass(frozen=True)
@@ -136,7 +137,7 @@ class TrainParams:
     accumulate: int = 1  # micro-batches per step (optimization.update_freq)
     min_sample_size: int = 32_000  # task.min_sample_size (2 s)
     max_sample_size: int = 250_000  # task.max_sample_size (15.6 s)
-    num_buckets: int = 20
+    num_buckets: int = 1000  # (fairseq orders by exact size: as many buckets as it takes)
     normalize: bool = False  # task.normalize (False for Base, True for Large)
     pad_audio: bool = False  # task.pad_audio: crop to the shortest file of the batch
     mask_prob: float = 0.8  # model.mask_prob

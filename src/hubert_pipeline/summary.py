@@ -1,12 +1,90 @@
-"""The figures that decide an experiment, in one small metrics file that `dvc exp show` fits in 120 columns.
+"""The pipeline's results at a glance.
 
-Per iteration N (the suffix): `pnmiN`, the PNMI of the units of that model's best layer, and `abxN`, its ABX error
-across speakers in % (both from the unit_quality table); `accN` and `lossN`, the chosen checkpoint's masked-prediction
-accuracy and loss on the valid split (from the validate stage). Rounded to 4 significant digits, for short columns;
-the full metric files stay where they are. The README's Experiments section gives the `dvc exp show` command.
+- On one screen (`python -m hubert_pipeline.summary`, what `bash run.sh demo` prints at the end): the unit-quality
+  table, each iteration's best checkpoint and layer, the goals a run of HuBERT should reach, and the command that
+  opens the MLflow UI.
+- In one small metrics file that `dvc exp show` fits in 120 columns (`experiment_summary`, written by the
+  unit_quality stage as metrics/summary.json): per iteration N, `pnmiN` (PNMI of the units of that model's best
+  layer), `abxN` (its ABX error across speakers, %), `accN` and `lossN` (the chosen checkpoint's masked-prediction
+  accuracy and loss on the valid split), rounded to 4 significant digits. The README's Experiments section gives the
+  `dvc exp show` command; the full metric files stay where they are.
 """
 
+import argparse
+import json
+from pathlib import Path
 from typing import Any
+
+ROWS = (("mfcc", "MFCC"), ("mfcc_at_k", "MFCC"), ("it1_best_layer", None), ("it2_best_layer", None))
+COLUMNS = ("k", "pnmi", "phone_purity", "cluster_purity", "abx_within", "abx_across")
+HEADER = ("units", "k", "PNMI", "phone purity", "cluster purity", "ABX within %", "ABX across %")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def unit_table(table: dict[str, dict[str, Any]]) -> str:
+    """The unit-quality table in Markdown, as the README shows it."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    for key, name in ROWS:
+        if key in table:
+            row = table[key]
+            lines.append("| " + " | ".join([name or row["source"], *(_cell(row.get(c)) for c in COLUMNS)]) + " |")
+    return "\n".join(lines)
+
+
+def goals(table: dict[str, dict[str, Any]], validation: dict[str, Any] | None) -> list[tuple[str, bool | None]]:
+    """(goal, reached) of a run that learns; None where the figures are missing."""
+    pnmi = {key: table[key]["pnmi"] for key in ("mfcc_at_k", "it1_best_layer", "it2_best_layer") if key in table}
+    out: list[tuple[str, bool | None]] = []
+    if len(pnmi) == 3:  # noqa: PLR2004
+        k = table["mfcc_at_k"]["k"]
+        out.append((f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC",
+                    pnmi["it2_best_layer"] > pnmi["it1_best_layer"] > pnmi["mfcc_at_k"]))  # fmt: skip
+    if "it1_best_layer" in table and "mfcc" in table:
+        out.append(("ABX across speakers: it1 best layer below MFCC",
+                    table["it1_best_layer"]["abx_across"] < table["mfcc"]["abx_across"]))  # fmt: skip
+    if validation is not None:
+        rate = validation.get("commonest_unit_rate")
+        reached = None if rate is None else validation["best_accuracy"] >= 2 * rate
+        out.append(("it1 valid masked accuracy at least twice the commonest-unit rate", reached))
+    return out
+
+
+def iteration_line(it: int, validation: dict[str, Any] | None, best_layer: dict[str, Any] | None) -> str:
+    if validation is None:
+        return f"iteration {it}: not run"
+    line = (f"iteration {it}: best checkpoint step {validation['best_step']} (rule {validation['rule']}): "
+            f"valid loss {validation['best_loss']:.3f}, masked accuracy {validation['best_accuracy']:.3f}")  # fmt: skip
+    if (rate := validation.get("commonest_unit_rate")) is not None:
+        line += f" (commonest unit {rate:.3f})"
+    if best_layer is not None:
+        line += f"; best layer {best_layer['layer']} by ABX"
+    return line
+
+
+def summary(root: Path) -> str:
+    table = _read(root / "metrics" / "unit_quality.json")
+    validation = {it: _read(root / "metrics" / f"validate_it{it}.json") for it in (1, 2)}
+    layers = {it: _read(root / "outputs" / "abx" / f"it{it}" / "best_layer.json") for it in (1, 2)}
+    parts = ["Unit quality (valid split; metrics/unit_quality.json):", ""]
+    parts += [unit_table(table), ""] if table else ["(no unit_quality table yet: run `dvc repro`)", ""]
+    parts += [iteration_line(it, validation[it], layers[it]) for it in (1, 2)]
+    if table:
+        parts += ["", "Goals of a run that learns:"]
+        marks = {True: "yes", False: "NO", None: "?"}
+        parts += [f"  [{marks[reached]}] {goal}" for goal, reached in goals(table, validation[1])]
+    db = (root / "mlruns" / "mlflow.db").resolve()
+    parts += ["", "Compare the iterations in MLflow (loss and accuracy per step, validation, ABX per layer, PNMI):",
+              f"  uv run mlflow ui --backend-store-uri sqlite:///{db}   # then open http://127.0.0.1:5000"]  # fmt: skip
+    return "\n".join(parts)
 
 
 def _short(value: float) -> float:
@@ -25,3 +103,14 @@ def experiment_summary(unit_quality: dict[str, dict[str, Any]], validate: dict[i
             f"loss{it}": _short(validate[it]["best_loss"]),
         }
     return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--root", type=Path, default=Path(), help="the project folder (where dvc.yaml is)")
+    print(summary(parser.parse_args().root))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,10 @@ from torch import distributed as dist
 from hubert_pipeline.params import TrainParams
 
 if TYPE_CHECKING:
-    from hubert_pipeline.model import Size
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hubert_pipeline.data import Batch
+    from hubert_pipeline.model import HubertConfig, HuBERTPretrain, Size
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +117,121 @@ def _atomic_save(obj: dict[str, Any], path: Path) -> None:
         torch.save(obj, tmp)
 
 
+@dataclasses.dataclass(frozen=True)
+class Optimization:
+    """What an optimisation step updates besides the model, and the autocast it runs under."""
+
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.GradScaler
+    autocast_dtype: torch.dtype | None  # None: no autocast (CPU, or float32 on CUDA)
+
+
+def build_training(
+    cfg: TrainParams, model_cfg: "HubertConfig", num_classes: int, device: torch.device
+) -> tuple["HuBERTPretrain", Optimization]:
+    """A run's model (initial weights from cfg.seed, train mode, on `device`), its AdamW, LR schedule and scaler."""
+    from hubert_pipeline.model import HuBERTPretrain
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
+    model = HuBERTPretrain(model_cfg, num_classes)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(cfg.betas[0], cfg.betas[1]),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    use_autocast = device.type == "cuda" and dtype != torch.float32
+    scaler = torch.GradScaler(device.type, enabled=use_autocast and dtype == torch.float16)
+    return model, Optimization(optimizer, scheduler, scaler, dtype if use_autocast else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    metrics: dict[str, float]  # train_loss, train_accuracy, train_feature_penalty (per masked frame), lr, grad_norm
+    stop: bool  # a stop was requested on some rank during this step
+
+
+def optimization_step(
+    model: torch.nn.Module,
+    micro: "list[Batch]",
+    opt: Optimization,
+    *,
+    cfg: TrainParams,
+    step: int,
+    forward_model: torch.nn.Module | None = None,
+    world_size: int = 1,
+    stop_requested: Callable[[], bool] | None = None,
+) -> StepResult:
+    """One optimizer step over the micro-batches of this process (cfg.feature_penalty and cfg.grad_clip apply).
+
+    The loss is fairseq's hubert criterion over its sample size: (cross-entropy summed over the masked frames
+    + feature_penalty x feature penalty x frames) / masked frames of the whole step, every process and micro-batch.
+    Gradients are unscaled, clipped to cfg.grad_clip, the optimizer and the LR schedule stepped, gradients zeroed.
+    `forward_model`: the model as called (compiled, DDP-wrapped), `model` by default. `step` names the step
+    (0-based) in the error raised on a non-finite loss or gradient norm.
+    """
+    forward_model = model if forward_model is None else forward_model
+    device = micro[0].waveforms.device
+    frames = torch.tensor(float(sum(int(b.mask.sum()) for b in micro)), device=device)
+    if world_size > 1:
+        dist.all_reduce(frames)
+    stats = torch.zeros(4, device=device)  # loss sum, correct, penalty sum (x frames), frames
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1 or world_size == 1
+        ctx = nullcontext() if sync else cast("DistributedDataParallel", forward_model).no_sync()
+        autocast = torch.autocast(device.type, dtype=opt.autocast_dtype, enabled=opt.autocast_dtype is not None)
+        with ctx, autocast:
+            frame_loss, out = forward_model(
+                batch.waveforms,
+                batch.labels,
+                mask=batch.mask,
+                attention_mask=batch.attention_mask,
+                lengths=batch.lengths,
+            )
+            n = frame_loss.numel()
+            total = frame_loss.float().sum() + cfg.feature_penalty * out["feature_penalty"].float() * n
+            loss = total * world_size / frames.clamp(min=1)
+            opt.scaler.scale(loss).backward()
+        stats += torch.stack(
+            [
+                out["logits_loss"].detach().float().sum(),
+                out["correct"].detach().float().sum(),
+                out["feature_penalty"].detach().float() * n,
+                torch.tensor(float(n), device=device),
+            ]
+        )
+    opt.scaler.unscale_(opt.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    stop = stop_requested is not None and stop_requested()
+    stats = torch.cat([stats, torch.tensor([float(stop)], device=device)])
+    if world_size > 1:
+        dist.all_reduce(stats)
+    if not (math.isfinite(float(stats[0])) and math.isfinite(float(grad_norm))):
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(stats[0]):.4g}) or gradient norm ({float(grad_norm):.4g}) at step {step + 1}"
+        )
+    lr = opt.scheduler.get_last_lr()[0]
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.optimizer.zero_grad(set_to_none=True)
+    opt.scheduler.step()
+    f = float(stats[3]) or 1.0
+    metrics = {
+        "train_loss": float(stats[0]) / f,
+        "train_accuracy": float(stats[1]) / f,
+        "train_feature_penalty": float(stats[2]) / f,
+        "lr": float(lr),
+        "grad_norm": float(grad_norm),
+    }
+    return StepResult(metrics, stop=float(stats[4]) > 0)
+
+
 def train(  # noqa: C901, PLR0912, PLR0915
     manifest: str | Path,
     out_dir: str | Path,
@@ -135,7 +253,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
     from tqdm import tqdm
 
     from hubert_pipeline.data import build_loader, read_labeled_manifest
-    from hubert_pipeline.model import HubertConfig, HuBERTPretrain
+    from hubert_pipeline.model import HubertConfig
 
     out_dir = Path(out_dir)
     rows = read_labeled_manifest(manifest)  # before any heavy work: a bad manifest fails at once
@@ -151,21 +269,8 @@ def train(  # noqa: C901, PLR0912, PLR0915
             stale.unlink()
 
     model_cfg = HubertConfig.preset(model_size, **(model_overrides or {}))
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
-    model = HuBERTPretrain(model_cfg, num_classes)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    use_autocast = device.type == "cuda" and dtype != torch.float32
-    scaler = torch.GradScaler(device.type, enabled=use_autocast and dtype == torch.float16)
+    model, opt = build_training(cfg, model_cfg, num_classes, device)
+    optimizer, scheduler, scaler = opt.optimizer, opt.scheduler, opt.scaler
 
     step, epoch, steps_in_epoch = 0, 0, 0
     run_fingerprint = fingerprint(manifest, num_classes, model_cfg, cfg)
@@ -267,6 +372,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
         return path
 
     last_path = checkpoint_path(out_dir, step)
+    lengths = [int(r["num_samples"]) for r in rows]
     meters: dict[str, float] = {}
     window_start, window_audio = time.perf_counter(), 0.0
     with ExitStack() as stack:
@@ -279,63 +385,27 @@ def train(  # noqa: C901, PLR0912, PLR0915
             sampler.set_epoch(epoch, skip=steps_in_epoch * cfg.accumulate)
             steps_per_epoch = sampler.batches_per_epoch // cfg.accumulate
             collator.epoch = epoch
+            audio_used = sampler.audio_used(lengths, max_sample_size=cfg.max_sample_size, pad_audio=cfg.pad_audio)
             batches = iter(loader)
             while steps_in_epoch < steps_per_epoch and step < cfg.max_steps:
                 micro = [next(batches).to(device) for _ in range(cfg.accumulate)]
                 torch.manual_seed(hash((cfg.seed, env.rank, step)) % 2**62)
-                frames = torch.tensor(float(sum(int(b.mask.sum()) for b in micro)), device=device)
-                if env.world_size > 1:
-                    dist.all_reduce(frames)
-                stats = torch.zeros(4, device=device)  # loss sum, correct, penalty sum (x frames), frames
-                for i, batch in enumerate(micro):
-                    sync = i == len(micro) - 1 or env.world_size == 1
-                    ctx = nullcontext() if sync else cast("DistributedDataParallel", forward_model).no_sync()
-                    with ctx, torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
-                        frame_loss, out = forward_model(
-                            batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask
-                        )
-                        n = frame_loss.numel()
-                        total = frame_loss.float().sum() + cfg.feature_penalty * out["feature_penalty"].float() * n
-                        loss = total * env.world_size / frames.clamp(min=1)
-                        scaler.scale(loss).backward()
-                    stats += torch.stack(
-                        [
-                            out["logits_loss"].detach().float().sum(),
-                            out["correct"].detach().float().sum(),
-                            out["feature_penalty"].detach().float() * n,
-                            torch.tensor(float(n), device=device),
-                        ]
-                    )
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                stop = stop_requested is not None and stop_requested()
-                stats = torch.cat([stats, torch.tensor([float(stop)], device=device)])
-                if env.world_size > 1:
-                    dist.all_reduce(stats)
-                if not (math.isfinite(float(stats[0])) and math.isfinite(float(grad_norm))):
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({float(stats[0]):.4g}) or gradient norm ({float(grad_norm):.4g}) "
-                        f"at step {step + 1}"
-                    )
-                lr = scheduler.get_last_lr()[0]
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                result = optimization_step(
+                    model,
+                    micro,
+                    opt,
+                    cfg=cfg,
+                    step=step,
+                    forward_model=forward_model,
+                    world_size=env.world_size,
+                    stop_requested=stop_requested,
+                )
                 step += 1
                 steps_in_epoch += 1
                 pbar.update()
                 audio = sum(b.audio_seconds for b in micro) * env.world_size
                 window_audio += audio
-                f = float(stats[3]) or 1.0
-                metrics = {
-                    "train_loss": float(stats[0]) / f,
-                    "train_accuracy": float(stats[1]) / f,
-                    "train_feature_penalty": float(stats[2]) / f,
-                    "lr": float(lr),
-                    "grad_norm": float(grad_norm),
-                }
-                for key, value in metrics.items():
+                for key, value in result.metrics.items():
                     meters[key] = meters.get(key, 0.0) + value
                 meters["_n"] = meters.get("_n", 0.0) + 1
                 if step % cfg.log_interval == 0 or step == cfg.max_steps:
@@ -345,6 +415,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
                         "audio_seconds_per_second": window_audio / elapsed
                     }
                     logged["epoch"] = float(epoch)
+                    logged["epoch_audio_used"] = audio_used  # fraction of the training audio this epoch trains on
                     if is_main:
                         pbar.set_postfix(loss=f"{logged['train_loss']:.3f}", acc=f"{logged['train_accuracy']:.3f}")
                         if log_fn is not None:
@@ -352,7 +423,7 @@ def train(  # noqa: C901, PLR0912, PLR0915
                     meters, window_start, window_audio = {}, time.perf_counter(), 0.0
                 if step % cfg.save_interval == 0 or step == cfg.max_steps:
                     last_path = save()
-                if float(stats[4]) > 0 and step < cfg.max_steps:
+                if result.stop and step < cfg.max_steps:
                     if last_path != checkpoint_path(out_dir, step):
                         last_path = save()
                     from hubert_pipeline.launch import Interrupted
