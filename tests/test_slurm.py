@@ -224,7 +224,8 @@ def test_preempted_training_checkpoints_requeues_and_resumes(projects, tmp_path)
 
 def test_rerun_after_the_submitting_process_died_waits_for_the_running_job(projects, tmp_path):
     local, _, _ = projects
-    project = project_with_units(local, tmp_path, slurm=True, train={})
+    # long enough that the job still runs when the rerun looks for it (the log-mel demo model trains fast)
+    project = project_with_units(local, tmp_path, slurm=True, train={"max_steps": 150, "save_interval": 50})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     first = subprocess.Popen(["dvc", "repro", "pretrain_it1"], cwd=project, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
@@ -237,7 +238,7 @@ def test_rerun_after_the_submitting_process_died_waits_for_the_running_job(proje
     assert "submitted SLURM job" not in out.stdout + out.stderr
     record = json.loads((project / "logs/slurm/pretrain_it1/jobs.json").read_text())
     assert record["job_ids"] == [job_id]
-    assert (project / "outputs/pretrain/it1/checkpoints/step_00000008.pt").exists()
+    assert (project / "outputs/pretrain/it1/checkpoints/step_00000150.pt").exists()
 
 
 def test_mfcc_sbatch_script_gives_the_pipeline_store(projects, tmp_path):
