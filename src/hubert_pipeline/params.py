@@ -71,6 +71,8 @@ class DemoParams:
     voices: tuple[str, ...] = ("kal", "ked", "slt")
     speeds: tuple[float, ...] = (0.9, 1.0, 1.12)
     text: str = ""
+    room_rt60: tuple[float, ...] = ()  # (low, high) seconds, a random room per file; (): dry
+    noise_snr_db: tuple[float, ...] = ()  # (low, high) dB of coloured noise per file; (): clean
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,10 @@ def _apply_profile(raw: dict[str, Any], profile: Path, where: str) -> Params:
     return build(Params, raw | {"execution": execution}, where)
 
 
+def _is_range(values: tuple[float, ...], low: float, high: float) -> bool:
+    return not values or (len(values) == 2 and low <= values[0] <= values[1] <= high)  # noqa: PLR2004
+
+
 def validate(params: Params, where: str) -> None:
     checks: list[tuple[bool, str]] = [
         (params.execution.workers >= 1, "execution.workers must be >= 1"),
@@ -288,6 +294,8 @@ def validate(params: Params, where: str) -> None:
         (params.demo.train_minutes > 0, "demo.train_minutes must be > 0"),
         (len(params.demo.voices) > 0, "demo.voices must not be empty"),
         (all(s > 0 for s in params.demo.speeds), "demo.speeds must be > 0"),
+        (_is_range(params.demo.room_rt60, 0.05, 2.0), "demo.room_rt60 must be [] or [low, high] in [0.05, 2] s"),
+        (_is_range(params.demo.noise_snr_db, -10, 100), "demo.noise_snr_db must be [] or [low, high] in [-10, 100] dB"),
         (params.manifest.extension.startswith("."), "manifest.extension must start with '.'"),
     ]
     for name in ("train_it1", "train_it2"):
