@@ -235,3 +235,23 @@ def test_batches_of_neighbouring_lengths_train_on_more_of_the_audio_than_coarse_
     assert used(20, pad_audio=True) == pytest.approx(1.0)
     assert used(150) > used(20) + 0.01
     assert used(150) > 0.98
+
+
+def test_a_stop_request_saves_the_step_raises_interrupted_and_the_resumed_run_matches(manifest, tmp_path):
+    from hubert_pipeline.launch import Interrupted
+
+    full = run_train(manifest, tmp_path / "full")
+    steps = []
+
+    def stop_after_step_3():  # polled once per step, before that step is counted
+        steps.append(len(steps) + 1)
+        return len(steps) == 3
+
+    with pytest.raises(Interrupted, match="stopped at step 3"):
+        train(manifest, tmp_path / "cut", cfg=CFG, model_size="tiny", model_overrides=NO_DROPOUT, num_classes=8,
+              stop_requested=stop_after_step_3)  # fmt: skip
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2, 3]  # step 3 saved off the save interval
+    resumed = run_train(manifest, tmp_path / "cut")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5)

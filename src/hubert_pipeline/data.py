@@ -36,6 +36,11 @@ class Batch:
     mask: Tensor  # (B, F) bool, True = masked frame (never on padding)
     audio_seconds: float
     lengths: Tensor | None = None  # (B,) samples of each waveform; None without padding
+    masked_frames: int = -1  # mask.sum(), counted where the batch is made (on the host): -1 counts it
+
+    def __post_init__(self) -> None:
+        if self.masked_frames < 0:  # a sync if the mask is on a GPU already: the collator counts on the CPU
+            object.__setattr__(self, "masked_frames", int(self.mask.sum()))
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(
@@ -45,6 +50,7 @@ class Batch:
             self.mask.to(device, non_blocking=True),
             self.audio_seconds,
             None if self.lengths is None else self.lengths.to(device, non_blocking=True),
+            masked_frames=self.masked_frames,
         )
 
 

@@ -148,7 +148,7 @@ class TrainParams:
     processes: int = 1  # local processes (DDP: gloo on CPU, NCCL on GPU)
     num_workers: int = 1  # data-loading workers per process
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA; CPU trains in float32
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool = False  # torch.compile the model (inductor; on CPU too)
     init_from: str = ""  # iteration 2: start from this checkpoint (path or models:/ URI) instead of random weights
 
 
