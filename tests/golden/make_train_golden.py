@@ -10,7 +10,7 @@ test pass after a refactoring; say why in the commit and in NOTE below:
 
     OMP_NUM_THREADS=1 uv run python tests/golden/make_train_golden.py     # writes tests/golden/train_golden.json
 
-NOTE: generated on CPU, torch from uv.lock (2.13), one thread, from the trainer before its split into parts
+NOTE: generated on CPU, torch 2.14.1 (uv.lock), one thread, from the trainer before its split into parts
 (commit "golden values of the trainer, before its split").
 """
 
