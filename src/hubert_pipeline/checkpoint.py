@@ -23,7 +23,7 @@ from torch import distributed as dist
 
 if TYPE_CHECKING:
     from hubert_pipeline.params import TrainParams
-    from hubert_pipeline.train import Optimization
+    from hubert_pipeline.step import Optimization
 
 logger = logging.getLogger(__name__)
 
