@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from hubert_pipeline.data import Batch, Collator, ResumableBatchSampler
-    from hubert_pipeline.model import Size
+    from hubert_pipeline.model import HubertConfig, Size
 
 # The step's API, also importable from here (tests/equality.py, bench/train_throughput.py use it):
 __all__ = ["NonFiniteLossError", "Optimization", "build_training", "list_checkpoints", "lr_lambda",
@@ -59,8 +59,12 @@ class DistEnv:
 
 
 def init_distributed(device_type: str) -> DistEnv:
-    """torchrun / SLURM / single process (spidr's detection); gloo on CPU, NCCL on CUDA."""
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+    """torchrun / SLURM / single process (spidr's detection); gloo on CPU, NCCL on CUDA.
+
+    Launched by torchrun (WORLD_SIZE set), a process group is made even for one process (its collectives are then
+    skipped: world_size 1), so that `torchrun --nproc-per-node 1` exercises the NCCL set-up (bench/gpu_check.py).
+    """
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return DistEnv(0, 0, 1)
     from spidr.environment import distributed_environment
 
@@ -158,18 +162,24 @@ class TrainingData:
 
 
 class MetricWindow:
-    """The steps since the last log: their results (read back only when logged) and the audio they trained on."""
+    """The steps since the last log: their results (read back only when logged), audio and model FLOPs.
 
-    def __init__(self) -> None:
+    Logged besides the step's metrics: audio_seconds_per_second (every process), model_flops_per_second (this
+    process: `hubert_pipeline.flops`) and, on a GPU of the peak table, mfu (that rate over its dense bf16 peak).
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
         self.reset()
 
     def reset(self) -> None:
         self.results: list[StepResult] = []
-        self.audio, self.start = 0.0, time.perf_counter()
+        self.audio, self.flops, self.start = 0.0, 0.0, time.perf_counter()
 
-    def add(self, result: StepResult, audio_seconds: float) -> None:
+    def add(self, result: StepResult, audio_seconds: float, flops: float) -> None:
         self.results.append(result)
         self.audio += audio_seconds
+        self.flops += flops
 
     def flush(self, data: TrainingData, state: TrainState) -> dict[str, float]:
         """Means of the window's metrics, its throughput, the epoch; starts a new window."""
@@ -178,27 +188,50 @@ class MetricWindow:
             for key, value in result.metrics.items():
                 sums[key] = sums.get(key, 0.0) + value
         logged = {k: v / len(self.results) for k, v in sums.items()}
-        logged["audio_seconds_per_second"] = self.audio / (time.perf_counter() - self.start)
+        elapsed = time.perf_counter() - self.start
+        logged["audio_seconds_per_second"] = self.audio / elapsed
+        logged["model_flops_per_second"] = self.flops / elapsed
+        if self.peak_flops is not None:
+            logged["mfu"] = logged["model_flops_per_second"] / self.peak_flops
         logged["epoch"] = float(state.epoch)
         logged["epoch_audio_used"] = data.audio_used
         self.reset()
         return logged
 
 
+def _step_flops(model: torch.nn.Module, micro: "list[Batch]") -> float:
+    from hubert_pipeline.flops import train_step_flops
+
+    cfg, num_classes = cast("HubertConfig", model.config), cast("int", model.num_classes)
+    return sum(train_step_flops(cfg, num_classes, batch=b.waveforms.shape[0], samples=b.waveforms.shape[1],
+                                masked_frames=b.masked_frames) for b in micro)  # fmt: skip
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    from hubert_pipeline.flops import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
 def _log(window: MetricWindow, data: TrainingData, state: TrainState, *, pbar: Any, log_fn: LogFn | None) -> None:
-    """The window's means to the progress bar and `log_fn`, on rank 0; the others (no bar) read nothing back."""
+    """The window's means to the log, the progress bar and `log_fn`, on rank 0; the others (no bar) read nothing."""
     if pbar.disable:
         window.reset()
         return
     logged = window.flush(data, state)
+    mfu = f", MFU {logged['mfu']:.1%}" if "mfu" in logged else ""
+    logger.info("step %d: loss %.4f, %.1f audio s/s, %.3g model FLOP/s%s", state.step, logged["train_loss"],
+                logged["audio_seconds_per_second"], logged["model_flops_per_second"], mfu)  # fmt: skip
     pbar.set_postfix(loss=f"{logged['train_loss']:.3f}", acc=f"{logged['train_accuracy']:.3f}")
     if log_fn is not None:
         log_fn(logged, state.step)
 
 
-def _interrupt(path: Path | None, step: int) -> None:
-    from hubert_pipeline.launch import Interrupted
+class Interrupted(Exception):  # noqa: N818  a signal, not an error
+    """Raised by `train` when it stopped early on request (SIGUSR2 under SLURM) after saving a checkpoint."""
 
+
+def _interrupt(path: Path | None, step: int) -> None:
     raise Interrupted(f"stopped at step {step} on request; resume from {path}")
 
 
@@ -218,9 +251,10 @@ def _loop(
     """Steps from `state` to cfg.max_steps: log every log_interval, save every save_interval, stop on request."""
     from tqdm import tqdm
 
-    device, is_main, window = next(model.parameters()).device, env.rank == 0, MetricWindow()
+    device = next(model.parameters()).device
+    is_main, window = env.rank == 0, MetricWindow(_peak_flops(device))
     with ExitStack() as stack:
-        if env.world_size > 1:
+        if dist.is_initialized():
             stack.callback(dist.destroy_process_group)
         pbar = stack.enter_context(tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train"))
         while state.step < cfg.max_steps:
@@ -232,7 +266,7 @@ def _loop(
                                            world_size=env.world_size, stop_requested=stop_requested)  # fmt: skip
                 state.step, state.steps_in_epoch = state.step + 1, state.steps_in_epoch + 1
                 pbar.update()
-                window.add(result, sum(b.audio_seconds for b in micro) * env.world_size)
+                window.add(result, sum(b.audio_seconds for b in micro) * env.world_size, _step_flops(model, micro))
                 if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
                     _log(window, data, state, pbar=pbar, log_fn=log_fn)
                 if state.step % cfg.save_interval == 0 or state.step == cfg.max_steps:
@@ -265,7 +299,7 @@ def train(
     """Train until cfg.max_steps (resuming from the last checkpoint in out_dir); return the last checkpoint.
 
     `stop_requested` (SLURM preemption or time-out, see hubert_pipeline.launch) is polled at every step; when it
-    turns true on any rank, every rank stops after that step, a checkpoint is saved and `launch.Interrupted` raised.
+    turns true on any rank, every rank stops after that step, a checkpoint is saved and `Interrupted` raised.
     """
     from hubert_pipeline.data import read_labeled_manifest
     from hubert_pipeline.model import HubertConfig
@@ -329,7 +363,6 @@ def main() -> None:
     parser.add_argument("--iteration", type=int, choices=(1, 2), default=1, help="which train_itN section to use")
     args = parser.parse_args()
     from hubert_pipeline.cli import setup_logging
-    from hubert_pipeline.launch import Interrupted
     from hubert_pipeline.params import load_params
 
     setup_logging()
