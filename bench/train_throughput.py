@@ -98,9 +98,8 @@ def make_batch(args: argparse.Namespace) -> Any:
     import torch
     from spidr.config import MaskingConfig
 
-    from hubert_pipeline.data import Collator
+    from hubert_pipeline.data import Collator, model_frames
     from hubert_pipeline.params import TrainParams
-    from hubert_pipeline.units import model_frames
 
     cfg = TrainParams()
     generator = torch.Generator().manual_seed(args.seed)

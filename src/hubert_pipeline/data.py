@@ -23,9 +23,14 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hubert_pipeline.audio import load_audio, source_of
-from hubert_pipeline.units import model_frames
+from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS, conv_frames
 
 STRIDE = 320  # samples per model frame: crops start on frame boundaries, so labels stay exactly aligned
+
+
+def model_frames(num_samples: int) -> int:
+    """Frames (50 Hz) of the conv extractor for `num_samples` (`units.model_frames`, without numpy or polars)."""
+    return conv_frames(num_samples, FAIRSEQ_CONV_LAYERS)
 
 
 @dataclass(frozen=True)

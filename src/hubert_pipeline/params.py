@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -243,6 +241,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
     with path.open(encoding="utf-8") as f:
+        import yaml  # here: the training step imports params without PyYAML
+
         raw = yaml.safe_load(f)
     params = build(Params, raw, str(path))
     if profile := params.execution.slurm.profile:
@@ -256,6 +256,8 @@ def _apply_profile(raw: dict[str, Any], profile: Path, where: str) -> Params:
     if not profile.is_file():
         raise ParamsError(f"{where}: execution.slurm.profile: no such file {profile}")
     with profile.open(encoding="utf-8") as f:
+        import yaml
+
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ParamsError(f"{profile}: expected a mapping of execution.slurm keys")
