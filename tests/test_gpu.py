@@ -14,6 +14,7 @@ from hubert_pipeline.data import Batch, Collator
 from hubert_pipeline.model import HubertConfig
 from hubert_pipeline.params import TrainParams
 from hubert_pipeline.step import build_training, optimization_step
+from hubert_pipeline.train import build_forward_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -106,7 +107,7 @@ def test_compiled_step_on_cuda_gives_the_eager_losses():
     for compiled in (False, True):
         torch._dynamo.reset()
         model, opt = build_training(cfg, tiny_config(), 50, CUDA)
-        forward = torch.compile(model, dynamic=True) if compiled else model
+        forward = build_forward_model(model, compile_model=compiled, find_unused_parameters=False, world_size=1)
         losses[compiled] = [
             optimization_step(model, [b.to(CUDA)], opt, cfg=cfg, step=i, forward_model=forward).metrics["train_loss"]
             for i, b in enumerate(batches)
