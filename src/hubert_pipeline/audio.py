@@ -6,21 +6,23 @@ enters a manifest: undecodable, empty, non-16 kHz or multi-channel files are rep
 the stage (default) or are skipped and listed in a separate CSV.
 """
 
+from __future__ import annotations  # polars only where it is used: audio loading works without it
+
 import io
 import logging
 import tarfile
 import wave
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
-import polars as pl
-
 from hubert_pipeline.io import atomic_path
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import numpy as np
+    import polars as pl
     import torch
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ def _check_format(source: AudioSource, rate: int, channels: int) -> None:
         raise BadAudioError(f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz")
 
 
-def load_samples(source: AudioSource) -> "np.ndarray":
+def load_samples(source: AudioSource) -> np.ndarray:
     """The samples as stored, shape (samples,), checked to be 16 kHz mono: int16 for a 16-bit PCM WAV (read, not
     decoded), float32 in [-1, 1] for anything else (decoded)."""
     if (pcm := _pcm_wav(source)) is not None:
@@ -134,7 +136,7 @@ def load_samples(source: AudioSource) -> "np.ndarray":
     return samples.data[0].numpy()
 
 
-def as_float32(samples: "np.ndarray") -> "np.ndarray":
+def as_float32(samples: np.ndarray) -> np.ndarray:
     """int16 PCM scaled to [-1, 1) in one pass (exactly), float samples as float32."""
     import numpy as np
 
@@ -143,7 +145,7 @@ def as_float32(samples: "np.ndarray") -> "np.ndarray":
     return samples.astype(np.float32, copy=False)
 
 
-def load_audio(source: AudioSource) -> "torch.Tensor":
+def load_audio(source: AudioSource) -> torch.Tensor:
     """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
     import torch
 
@@ -197,6 +199,7 @@ def build_manifest(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    import polars as pl
     from tqdm import tqdm
 
     items = list(discover(root, extension))
@@ -248,6 +251,8 @@ def build_manifest(
 
 def read_manifest(path: str | Path) -> pl.DataFrame:
     """Read a manifest (CSV or JSONL) and check its columns, naming the file when they are wrong."""
+    import polars as pl
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest")

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -150,7 +148,7 @@ class TrainParams:
     processes: int = 1  # local processes (DDP: gloo on CPU, NCCL on GPU)
     num_workers: int = 1  # data-loading workers per process
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA; CPU trains in float32
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool = False  # torch.compile the model (inductor; on CPU too)
     init_from: str = ""  # iteration 2: start from this checkpoint (path or models:/ URI) instead of random weights
 
 
@@ -245,6 +243,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
     with path.open(encoding="utf-8") as f:
+        import yaml  # here: the training step imports params without PyYAML
+
         raw = yaml.safe_load(f)
     params = build(Params, raw, str(path))
     if profile := params.execution.slurm.profile:
@@ -258,6 +258,8 @@ def _apply_profile(raw: dict[str, Any], profile: Path, where: str) -> Params:
     if not profile.is_file():
         raise ParamsError(f"{where}: execution.slurm.profile: no such file {profile}")
     with profile.open(encoding="utf-8") as f:
+        import yaml
+
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ParamsError(f"{profile}: expected a mapping of execution.slurm keys")
