@@ -64,13 +64,6 @@ for (const name of document.querySelectorAll(arguments[1] + ' svg + span')) name
 HIDE = ".modebar-container, .modebar, [data-assistant-ui] { display: none !important; }"  # toolbars, assistant
 
 
-def default_tracking_uri() -> str:
-    from hubert_pipeline.params import MlflowParams
-    from hubert_pipeline.tracking import tracking_uri
-
-    return tracking_uri(MlflowParams())
-
-
 def select_runs(
     uri: str, experiment: str, dvc_experiment: str | None, overrides: dict[str, str]
 ) -> tuple[str, dict[str, str]]:
@@ -315,29 +308,39 @@ def add_legend(png: bytes, left: int, scale: float, out: Path) -> None:
     image.save(out, optimize=True)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and the defaults that are values (not None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)  # fmt: skip
-    p.add_argument("--tracking-uri", help="MLflow store (default: the project's, as the stages use)")
-    p.add_argument("--out", type=Path, default=Path(__file__).with_name("mlflow_compare_demo.png"), help="PNG")
-    p.add_argument("--experiment", default="hubert-pipeline", help="MLflow experiment (params.yaml mlflow.experiment)")
-    p.add_argument(
-        "--dvc-experiment", help="DVC experiment whose runs to show ('' = workspace; default: newest complete)"
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p.add_argument("--params", default="params.yaml", help="params file (its mlflow section)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: the project's, found as the stages find it)")
+    p.add_argument("--experiment", help="MLflow experiment (default: params mlflow.experiment)")
+    p.add_argument("--out", type=Path, default=Path(__file__).with_name("mlflow_compare_demo.png"), help="PNG to write")
+    p.add_argument("--dvc-experiment", help="DVC experiment to show ('' = workspace; default: newest complete)")
     p.add_argument("--run", action="append", default=[], metavar="STAGE=RUN_ID", help="use this run for a stage")
     p.add_argument("--width", type=int, default=1040, help="browser window width, CSS pixels")
     p.add_argument("--height", type=int, default=1440, help="browser window height, CSS pixels")
     p.add_argument("--scale", type=float, default=2.0, help="device scale factor (2: sharp when zoomed)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds to wait after the charts have drawn")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the server and the page")
-    p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
-    p.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the server and the page")
+    p.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium", help="browser")
+    p.add_argument("--chromedriver", default=shutil.which("chromedriver") or "/usr/bin/chromedriver", help="driver")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    uri = args.tracking_uri or default_tracking_uri()
+    from hubert_pipeline.cli import setup_logging
+    from hubert_pipeline.params import MlflowParams, load_params
+    from hubert_pipeline.tracking import tracking_uri
+
+    setup_logging()
+    mlflow_params = load_params(args.params).mlflow if Path(args.params).is_file() else MlflowParams()
+    uri = args.tracking_uri or tracking_uri(mlflow_params)
     overrides = dict(item.split("=", 1) for item in args.run)
-    experiment_id, runs = select_runs(uri, args.experiment, args.dvc_experiment, overrides)
+    experiment_id, runs = select_runs(uri, args.experiment or mlflow_params.experiment, args.dvc_experiment, overrides)
     with mlflow_server(uri, args.timeout) as url:
         screenshot(url, experiment_id, runs, uri, args.out, args)
     logger.info("wrote %s", args.out)
