@@ -58,6 +58,7 @@ def test_each_recipe_gives_fairseqs_values_and_its_samples_per_update_on_any_gpu
             SHARED["pad_audio"],
             SHARED["mask_prob"],
         )
+        assert cfg.init_from == ""  # the demo's iteration 2 starts from iteration 1; the paper's from random weights
         processes = p.execution.slurm.nodes * p.execution.slurm.gpus_per_node
         assert processes == gpus
         assert processes * cfg.accumulate * cfg.max_batch_samples == fs["distributed_world_size"] * fs["max_tokens"]

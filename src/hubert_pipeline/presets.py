@@ -93,6 +93,7 @@ def recipe_rows(recipe: Recipe, gpus: int, gpus_per_node: int = GPUS_PER_NODE) -
             ("world size / GPUs (update_freq)", f"{section}.accumulate", accumulate),
             ("nprocs_per_node (one node, local executor)", f"{section}.processes", per_node),
         ]
+        rows += [("(paper: iteration 2 trains from random weights)", f"{section}.init_from", "")] if it == 2 else []
     return rows
 
 
