@@ -16,8 +16,8 @@ if __name__ == "__main__":
 
     import mlflow
 
-    from hubert_pipeline.audio import read_manifest
     from hubert_pipeline.features import extract_mfcc
+    from hubert_pipeline.manifest import read_manifest
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import stage_run
 

@@ -20,9 +20,9 @@ from typing import overload
 import numpy as np
 import polars as pl
 
-from hubert_pipeline.audio import read_manifest
 from hubert_pipeline.io import atomic_open, write_json
 from hubert_pipeline.launch import map_tasks
+from hubert_pipeline.manifest import read_manifest
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import FeatureStore
 
