@@ -314,8 +314,15 @@ def local_source(source: str | Path) -> Generator[Path]:
         return
     import mlflow
 
+    from hubert_pipeline.tracking import reading_uri
+
+    uri = reading_uri()  # the project's store, as the stages resolve it; never a new ./mlflow.db
+    # models:/ URIs are resolved through the process's registry whatever download_artifacts is given: set it
+    mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory(prefix="hubert-mlflow-") as tmp:
-        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=tmp))
+        path = mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=tmp, tracking_uri=uri,
+                                                   registry_uri=uri)  # fmt: skip
+        yield Path(path)
 
 
 @contextlib.contextmanager
