@@ -25,7 +25,7 @@ if __name__ == "__main__":
 
     from hubert_pipeline.kmeans import load_centroids
     from hubert_pipeline.launch import run_distributed, training_processes
-    from hubert_pipeline.manifest import read_manifest, short_files, write_csv
+    from hubert_pipeline.manifest import read_checked_manifest, short_files, write_csv
     from hubert_pipeline.params import load_params
     from hubert_pipeline.presets import batch_shortfall
     from hubert_pipeline.tracking import stage_run, tracking_uri
@@ -33,7 +33,7 @@ if __name__ == "__main__":
 
     params = load_params(args.params)
     cfg = params.train_it1 if args.iteration == 1 else params.train_it2
-    short = short_files(read_manifest(Path(args.units) / "train.jsonl"), cfg.min_sample_size)
+    short = short_files(read_checked_manifest(Path(args.units) / "train.jsonl"), cfg.min_sample_size)
     num_classes = load_centroids(args.centroids).shape[0]
     resumed = list_checkpoints(args.output)
     kwargs = {

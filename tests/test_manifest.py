@@ -225,3 +225,18 @@ def test_manifest_stage_refuses_overlapping_splits_and_unknown_extensions_naming
     assert result.returncode != 0
     assert "manifest.extension '.txt' is not an audio extension" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_mfcc_stage_names_files_moved_since_the_manifest_stage_before_any_work(corpus, tmp_path, isolated_mlflow):
+    valid = tmp_path / "valid"
+    write_wav(valid / "v-001.wav", tone(1.0))
+    assert run_manifest_stage(tmp_path, corpus, valid, {}).returncode == 0
+    (corpus / "spk1" / "a-002.wav").rename(tmp_path / "a-002.wav")
+    params = tmp_path / "params.yaml"
+    cmd = [sys.executable, str(REPO / "stages" / "mfcc.py"), str(tmp_path / "out"), str(tmp_path / "mfcc"),
+           "--params", str(params)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "train.csv: 1 file(s) moved or changed since the manifest stage probed them" in result.stderr
+    assert "a-002.wav: no longer exists" in result.stderr
+    assert not (tmp_path / "mfcc").exists()

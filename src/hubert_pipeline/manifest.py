@@ -215,3 +215,10 @@ def check_splits_apart(roots: dict[str, str | Path], found: dict[str, list[tuple
             f"data.{a} ({root_a}) and data.{b} ({root_b}) overlap: {len(shared)} file id(s) are in both, "
             f"e.g. {shared[:5]}"
         )
+
+
+def read_checked_manifest(path: str | Path) -> pl.DataFrame:
+    """`read_manifest`, then `check_sources`: what a stage that reads audio calls before its expensive work."""
+    manifest = read_manifest(path)
+    check_sources(manifest, path)
+    return manifest
