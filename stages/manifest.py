@@ -37,6 +37,8 @@ if __name__ == "__main__":
             extension=params.manifest.extensions,
             on_bad_file=params.manifest.on_bad_file,
             verify=params.manifest.verify,
+            resample=params.manifest.resample,
+            downmix=params.manifest.downmix,
             workers=params.execution.workers,
             items=items,
         )

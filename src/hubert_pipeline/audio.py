@@ -10,6 +10,12 @@ empty, truncated (WAV: its data chunk is shorter than its header says; FLAC: its
 STREAMINFO's total), not 16 kHz mono. WAV and FLAC lengths come from their headers, checked against the file;
 other formats (MP3, Ogg, Opus, ...) are decoded, their headers only estimate the length; `verify="full"` decodes
 every file.
+
+Resampling and downmix are off by default: a file that is not 16 kHz mono is refused. A source with `resample`
+(`downmix`) set is read at 16 kHz (mono) through FFmpeg's resampler (torchcodec's AudioDecoder `sample_rate`,
+`num_channels`: the samples of `ffmpeg -ar 16000 -ac 1`); a file already 16 kHz mono is read as it is. The manifest
+records each file's own rate and channels, so every stage that reads it (`source_of`) converts the same files the
+same way, and its `num_samples` is the converted length (decoded, exact).
 """
 
 import logging
@@ -23,6 +29,7 @@ from hubert_pipeline.audio_headers import HEAD_BYTES, HeaderError, check_flac_en
 if TYPE_CHECKING:
     import numpy as np
     import torch
+    from torchcodec.decoders import AudioStreamMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,8 @@ class AudioSource:
     archive: str | None = None
     byte_offset: int | None = None
     byte_size: int | None = None
+    resample: bool = False  # read a file of another rate at 16 kHz (else refuse it)
+    downmix: bool = False  # read a file of several channels as mono (else refuse it)
 
     def __str__(self) -> str:
         return f"{self.archive}:{self.path}" if self.archive else self.path
@@ -73,20 +82,26 @@ class AudioSource:
 
 def _decode(source: AudioSource) -> "torch.Tensor":
     """(channels, samples) float32 as FFmpeg decodes them; BadAudioError naming the file if it cannot."""
-    return _decode_with_estimate(source)[0]
+    return _decode_with_metadata(source)[0]
 
 
-def _decode_with_estimate(source: AudioSource) -> tuple["torch.Tensor", float | None]:
-    """`_decode`, and the duration the container's header gives (an estimate for MP3, Ogg, ...), if any."""
+def _decode_with_metadata(source: AudioSource) -> tuple["torch.Tensor", "AudioStreamMetadata"]:
+    """`_decode`, and the file's metadata: its own rate and channels, the duration its header gives (an estimate
+    for MP3, Ogg, ...)."""
     from torchcodec.decoders import AudioDecoder
 
     try:
-        decoder = AudioDecoder(source.decoder_input())
-        samples = decoder.get_all_samples()
+        decoder = AudioDecoder(source.decoder_input(), sample_rate=SAMPLE_RATE if source.resample else None,
+                               num_channels=1 if source.downmix else None)  # fmt: skip
+        metadata = decoder.metadata  # the file's own rate and channels
     except Exception as e:  # the decoder's message does not name the file
         raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
-    _check_format(source, samples.sample_rate, samples.data.shape[0])
-    return samples.data, decoder.metadata.duration_seconds_from_header
+    _check_format(source, metadata.sample_rate, metadata.num_channels)  # before decoding a file to refuse
+    try:
+        samples = decoder.get_all_samples()
+    except Exception as e:
+        raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
+    return samples.data, metadata
 
 
 # A decode this much shorter than the header's estimate is a truncated file: MP3 estimates include the encoder's
@@ -94,12 +109,18 @@ def _decode_with_estimate(source: AudioSource) -> tuple["torch.Tensor", float | 
 ESTIMATE_SLACK_SECONDS, ESTIMATE_SLACK_FRACTION = 0.25, 0.01
 
 
-def _check_format(source: AudioSource, rate: int, channels: int) -> None:
-    if rate != SAMPLE_RATE or channels != 1:
+def _check_format(source: AudioSource, rate: int | None, channels: int | None) -> None:
+    """BadAudioError unless the file is 16 kHz mono, or is converted to it (`source.resample`, `source.downmix`)."""
+    if (rate != SAMPLE_RATE and not source.resample) or (channels != 1 and not source.downmix):
+        keys = [k for k, off in (("resample", rate != SAMPLE_RATE), ("downmix", channels != 1)) if off]
         raise BadAudioError(
             f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz "
-            "(convert the corpus to 16 kHz mono)"
+            f"(convert the corpus to 16 kHz mono, or set {' and '.join(f'manifest.{k}: true' for k in keys)})"
         )
+
+
+def needs_conversion(rate: int | None, channels: int | None) -> bool:
+    return rate != SAMPLE_RATE or channels != 1
 
 
 def _header_error(source: AudioSource, kind: str, e: HeaderError) -> BadAudioError:
@@ -116,8 +137,7 @@ def load_samples(source: AudioSource) -> "np.ndarray":
         wav = parse_wav(head, source.size())
     except HeaderError as e:
         raise _header_error(source, "WAV", e) from e
-    if wav is not None and wav.is_pcm16:
-        _check_format(source, wav.sample_rate, wav.channels)
+    if wav is not None and wav.is_pcm16 and not needs_conversion(wav.sample_rate, wav.channels):
         data = head[wav.data_offset : wav.data_offset + wav.data_size]
         if len(data) < wav.data_size:
             data = source.read_bytes(wav.data_offset, wav.data_size)
@@ -141,53 +161,78 @@ def load_audio(source: AudioSource) -> "torch.Tensor":
     return torch.from_numpy(as_float32(load_samples(source)))
 
 
-def _header_length(source: AudioSource, head: bytes) -> int | None:
+@dataclass(frozen=True)
+class Probe:
+    num_samples: int  # as read: after resampling and downmix, if any
+    sample_rate: int  # the file's own
+    channels: int
+
+
+def _header_probe(source: AudioSource, head: bytes) -> Probe | None:
     """Exact samples from a WAV or FLAC header, checked against the file; None for other formats (or a FLAC
-    whose encoder did not know its length); BadAudioError for a truncated file or a format that is not 16 kHz mono."""
+    whose encoder did not know its length, or a file to convert: its converted length is decoded); BadAudioError
+    for a truncated file or a format that is not 16 kHz mono (and not converted)."""
     try:
         wav = parse_wav(head, source.size())
     except HeaderError as e:
         raise _header_error(source, "WAV", e) from e
     if wav is not None:
         _check_format(source, wav.sample_rate, wav.channels)
-        return wav.num_frames if wav.uncompressed else None
-    try:
-        flac = parse_flac(head)
-        if flac is None:
-            return None
-        _check_format(source, flac.sample_rate, flac.channels)
-        check_flac_end(flac, source)
-    except HeaderError as e:
-        raise _header_error(source, "FLAC", e) from e
-    return flac.total_samples or None
+        found = Probe(wav.num_frames, wav.sample_rate, wav.channels) if wav.uncompressed else None
+    else:
+        try:
+            flac = parse_flac(head)
+            if flac is None:
+                return None
+            _check_format(source, flac.sample_rate, flac.channels)
+            check_flac_end(flac, source)
+        except HeaderError as e:
+            raise _header_error(source, "FLAC", e) from e
+        found = Probe(flac.total_samples, flac.sample_rate, flac.channels) if flac.total_samples else None
+    return None if found is None or needs_conversion(found.sample_rate, found.channels) else found
 
 
 def probe(source: AudioSource, verify: Verify = "header") -> int:
-    """Number of samples of a valid file; BadAudioError naming the file when it is unusable for HuBERT."""
+    """Number of samples of a valid file, as read; BadAudioError naming the file when it is unusable for HuBERT."""
+    return probe_format(source, verify).num_samples
+
+
+def probe_format(source: AudioSource, verify: Verify = "header") -> Probe:
+    """`probe`, with the file's own rate and channels."""
     try:
         head = source.read_bytes(0, HEAD_BYTES)
     except OSError as e:
         raise BadAudioError(f"{source}: cannot be read ({e})") from e
-    samples = _header_length(source, head)
-    if samples is None or verify == "full":
-        data, estimate = _decode_with_estimate(source)
-        decoded = data.shape[-1]
-        if samples is not None and decoded != samples:
-            raise BadAudioError(f"{source}: its header says {samples} samples, {decoded} decode")
-        shortest = (estimate or 0) * (1 - ESTIMATE_SLACK_FRACTION) - ESTIMATE_SLACK_SECONDS
-        if samples is None and decoded / SAMPLE_RATE < shortest:
-            raise BadAudioError(
-                f"{source}: its header says about {estimate:.2f} s, only {decoded / SAMPLE_RATE:.2f} s decode "
-                "(truncated or damaged)"
-            )
-        samples = decoded
-    if samples <= 0:
+    found = _header_probe(source, head)
+    if found is None or verify == "full":
+        found = _decoded_probe(source, found)
+    if found.num_samples <= 0:
         raise BadAudioError(f"{source}: empty (0 samples)")
-    return samples
+    return found
+
+
+def _decoded_probe(source: AudioSource, from_header: Probe | None) -> Probe:
+    data, metadata = _decode_with_metadata(source)
+    decoded, estimate = data.shape[-1], metadata.duration_seconds_from_header
+    if from_header is not None and decoded != from_header.num_samples:
+        raise BadAudioError(f"{source}: its header says {from_header.num_samples} samples, {decoded} decode")
+    shortest = (estimate or 0) * (1 - ESTIMATE_SLACK_FRACTION) - ESTIMATE_SLACK_SECONDS
+    if from_header is None and decoded / SAMPLE_RATE < shortest:
+        raise BadAudioError(
+            f"{source}: its header says about {estimate:.2f} s, only {decoded / SAMPLE_RATE:.2f} s decode "
+            "(truncated or damaged)"
+        )
+    if from_header is not None:
+        return from_header
+    return Probe(decoded, metadata.sample_rate or SAMPLE_RATE, metadata.num_channels or 1)
 
 
 def source_of(row: dict) -> AudioSource:
-    """The AudioSource of a manifest row (a dict from `DataFrame.iter_rows(named=True)`)."""
+    """The AudioSource of a manifest row (a dict from `DataFrame.iter_rows(named=True)`): converted to 16 kHz
+    (mono) when the row's `sample_rate` (`channels`) says the file is not."""
+    resample = int(row.get("sample_rate") or SAMPLE_RATE) != SAMPLE_RATE
+    downmix = int(row.get("channels") or 1) != 1
     if row.get("archive"):
-        return AudioSource(row["path"], row["archive"], int(row["byte_offset"]), int(row["byte_size"]))
-    return AudioSource(row["path"])
+        return AudioSource(row["path"], row["archive"], int(row["byte_offset"]), int(row["byte_size"]),
+                           resample=resample, downmix=downmix)  # fmt: skip
+    return AudioSource(row["path"], resample=resample, downmix=downmix)

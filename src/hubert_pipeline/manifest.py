@@ -1,11 +1,14 @@
 """Manifests: the audio files of a corpus, probed once, with their exact lengths and what they were on disk.
 
 A manifest is spidr's CSV format: `fileid,path,num_samples` for files in a folder, plus
-`archive,byte_offset,byte_size` for files inside an uncompressed tar archive, plus `file_size,file_mtime_ns` of
-the file (or archive) as probed: `check_sources` finds files that moved or changed since, before a stage spends
-hours on them. Bad files either fail the stage (default) or are skipped and listed with their reason.
+`archive,byte_offset,byte_size` for files inside an uncompressed tar archive, plus the file's own `sample_rate`
+and `channels` (a file that is not 16 kHz mono is read converted: `audio.source_of`; `num_samples` is then the
+converted length), plus `file_size,file_mtime_ns` of the file (or archive) as probed: `check_sources` finds files
+that moved or changed since, before a stage spends hours on them. Bad files either fail the stage (default) or
+are skipped and listed with their reason.
 """
 
+import dataclasses
 import logging
 import tarfile
 from collections.abc import Iterator, Sequence
@@ -15,7 +18,7 @@ from typing import Literal
 
 import polars as pl
 
-from hubert_pipeline.audio import AudioSource, BadAudioError, Verify, file_id, probe, source_of
+from hubert_pipeline.audio import AudioSource, BadAudioError, Probe, Verify, file_id, probe, probe_format, source_of
 from hubert_pipeline.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -76,10 +79,10 @@ def discover_all(root: str | Path, extensions: str | Sequence[str]) -> list[tupl
     return items
 
 
-def _probe_one(item: tuple[str, AudioSource], verify: Verify) -> tuple[str, AudioSource, int | str]:
+def _probe_one(item: tuple[str, AudioSource], verify: Verify) -> tuple[str, AudioSource, Probe | str]:
     fileid, source = item
     try:
-        return fileid, source, probe(source, verify)
+        return fileid, source, probe_format(source, verify)
     except BadAudioError as e:
         return fileid, source, str(e)
 
@@ -103,19 +106,23 @@ def build_manifest(
     extension: str | Sequence[str] = ".wav",
     on_bad_file: Literal["fail", "skip"] = "fail",
     verify: Verify = "header",
+    resample: bool = False,
+    downmix: bool = False,
     workers: int = 1,
     items: list[tuple[str, AudioSource]] | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Probe every file under `root` (or the `items` discovered there): (manifest sorted by file id, skipped files
-    with their reason). With on_bad_file="fail", BadAudioError lists every bad file (up to 20), nothing written."""
+    with their reason). With on_bad_file="fail", BadAudioError lists every bad file (up to 20), nothing written.
+    `resample` / `downmix` admit files of other rates / several channels, read converted to 16 kHz mono."""
     from tqdm import tqdm
 
     items = discover_all(root, extension) if items is None else items
     check_unique_ids(items, root)
+    items = [(fid, dataclasses.replace(src, resample=resample, downmix=downmix)) for fid, src in items]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = list(tqdm(pool.map(lambda item: _probe_one(item, verify), items), total=len(items),
                             desc=f"probe {root}", mininterval=2))  # fmt: skip
-    good = [(fid, src, n) for fid, src, n in results if isinstance(n, int)]
+    good = [(fid, src, n) for fid, src, n in results if isinstance(n, Probe)]
     bad = [(fid, str(src), reason) for fid, src, reason in results if isinstance(reason, str)]
     for _, _, reason in bad:
         logger.warning("bad audio file: %s", reason)
@@ -131,17 +138,18 @@ def build_manifest(
     )
 
 
-def _manifest_frame(good: list[tuple[str, AudioSource, int]]) -> pl.DataFrame:
+def _manifest_frame(good: list[tuple[str, AudioSource, Probe]]) -> pl.DataFrame:
     has_archive = any(src.archive for _, src, _ in good)
     schema = {"fileid": pl.String, "path": pl.String, "num_samples": pl.Int64}
     if has_archive:
         schema |= {"archive": pl.String, "byte_offset": pl.Int64, "byte_size": pl.Int64}
-    schema |= {"file_size": pl.Int64, "file_mtime_ns": pl.Int64}
+    schema |= {"sample_rate": pl.Int64, "channels": pl.Int64, "file_size": pl.Int64, "file_mtime_ns": pl.Int64}
     rows = []
-    for fid, src, n in good:
-        row: dict[str, object] = {"fileid": fid, "path": src.path, "num_samples": n}
+    for fid, src, found in good:
+        row: dict[str, object] = {"fileid": fid, "path": src.path, "num_samples": found.num_samples}
         if has_archive:
             row |= {"archive": src.archive, "byte_offset": src.byte_offset, "byte_size": src.byte_size}
+        row |= {"sample_rate": found.sample_rate, "channels": found.channels}
         rows.append(row | dict(zip(STAT_COLUMNS, _stat(src), strict=True)))
     return pl.DataFrame(rows, schema=schema).sort("fileid")
 
