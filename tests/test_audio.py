@@ -205,3 +205,38 @@ def test_empty_corrupt_and_unreadable_files_are_named(tmp_path):
         probe(AudioSource(str(tmp_path / "junk.wav")))
     with pytest.raises(BadAudioError, match=r"gone\.flac: cannot be read"):
         probe(AudioSource(str(tmp_path / "gone.flac")))
+
+
+# More containers and codecs FFmpeg reads: each is read as FFmpeg reads it (or named by probing)
+MORE = {
+    "rf64.wav": ["-c:a", "pcm_s16le", "-rf64", "always"],  # 64-bit sizes (ds64 chunk)
+    "tagged.wav": ["-c:a", "pcm_s16le", "-metadata", "title=x" * 50],  # a LIST chunk before the data
+    "adpcm_ima.wav": ["-c:a", "adpcm_ima_wav"],  # torchcodec drops 3 of 4 blocks: named, never read wrong
+    "adpcm_ms.wav": ["-c:a", "adpcm_ms"],
+    "gsm.wav": ["-c:a", "libgsm_ms", "-ar", "8000"],  # 8 kHz: refused, named
+    "big.aiff": ["-c:a", "pcm_s16be"],
+    "sun.au": ["-c:a", "pcm_s16be"],
+    "sony.w64": ["-c:a", "pcm_f32le"],
+    "apple.caf": ["-c:a", "pcm_s24le"],
+    "pack.wv": ["-c:a", "wavpack"],
+    "flac.ogg": ["-c:a", "flac"],  # Ogg FLAC: no fLaC header, decoded
+    "opus.webm": ["-c:a", "libopus", "-ar", "48000"],  # 48 kHz: refused, named
+}
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_other_containers_and_codecs_are_read_as_ffmpeg_reads_them_or_named(formats, tmp_path, name):
+    path = tmp_path / name
+    ffmpeg("-i", str(formats / "s16.wav"), *MORE[name], str(path))
+    source = AudioSource(str(path))
+    reference = ffmpeg_samples(path)
+    if name in ("gsm.wav", "opus.webm"):
+        with pytest.raises(BadAudioError, match=rf"{name}: expected mono 16000 Hz, got 1 channel\(s\) at (8|48)000 Hz"):
+            probe(source)
+        return
+    if name.startswith("adpcm"):
+        with pytest.raises(BadAudioError, match=rf"{name}: its header says about 1.40 s, only 0.\d\d s decode"):
+            probe(source)
+        return
+    torch.testing.assert_close(load_audio(source), reference)
+    assert probe(source) == probe(source, "full") == reference.numel()

@@ -104,8 +104,9 @@ def _decode_with_metadata(source: AudioSource) -> tuple["torch.Tensor", "AudioSt
     return samples.data, metadata
 
 
-# A decode this much shorter than the header's estimate is a truncated file: MP3 estimates include the encoder's
-# delay and padding (about 0.1 s); a file cut anywhere but in its last quarter second is found.
+# A decode this much shorter than the header's estimate is a truncated file (or a misdecoded one: torchcodec 0.17
+# keeps one frame per packet, dropping 3 blocks of 4 of ADPCM WAV; tests/test_audio.py): MP3 estimates include the
+# encoder's delay and padding (about 0.1 s); a file cut anywhere but in its last quarter second is found.
 ESTIMATE_SLACK_SECONDS, ESTIMATE_SLACK_FRACTION = 0.25, 0.01
 
 
@@ -220,7 +221,8 @@ def _decoded_probe(source: AudioSource, from_header: Probe | None) -> Probe:
     if from_header is None and decoded / SAMPLE_RATE < shortest:
         raise BadAudioError(
             f"{source}: its header says about {estimate:.2f} s, only {decoded / SAMPLE_RATE:.2f} s decode "
-            "(truncated or damaged)"
+            "(truncated or damaged; or a codec whose packets hold several frames, such as ADPCM in WAV, of which "
+            "torchcodec keeps only the first: convert such files once with the ffmpeg CLI, e.g. to FLAC)"
         )
     if from_header is not None:
         return from_header
