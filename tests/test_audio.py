@@ -240,3 +240,22 @@ def test_other_containers_and_codecs_are_read_as_ffmpeg_reads_them_or_named(form
         return
     torch.testing.assert_close(load_audio(source), reference)
     assert probe(source) == probe(source, "full") == reference.numel()
+
+
+@pytest.mark.parametrize("bits", [16, 24])
+def test_flac_damaged_inside_is_named_by_full_verification_through_streaminfos_md5(formats, tmp_path, bits):
+    path = tmp_path / f"b{bits}.flac"
+    depth = ["-sample_fmt", "s32", "-bits_per_raw_sample", "24"] if bits == 24 else ["-sample_fmt", "s16"]
+    ffmpeg("-i", str(formats / "f32.wav"), "-c:a", "flac", *depth, str(path))
+    info = parse_flac(path.read_bytes()[:HEAD_BYTES])
+    assert info is not None
+    assert info.bits == bits
+    assert probe(AudioSource(str(path)), "full") == info.total_samples  # the MD5 of an intact file matches
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 40] = bytes(b ^ 0x5A for b in data[middle : middle + 40])
+    (tmp_path / "damaged.flac").write_bytes(bytes(data))
+    damaged = AudioSource(str(tmp_path / "damaged.flac"))
+    assert probe(damaged) == info.total_samples  # FFmpeg conceals the damage: same length, other samples
+    with pytest.raises(BadAudioError, match=r"damaged\.flac: FLAC decoded samples do not match STREAMINFO's MD5"):
+        probe(damaged, "full")

@@ -9,7 +9,7 @@ Probing gives a file's exact number of samples and refuses it, naming it, when i
 empty, truncated (WAV: its data chunk is shorter than its header says; FLAC: its last frame is cut or ends before
 STREAMINFO's total), not 16 kHz mono. WAV and FLAC lengths come from their headers, checked against the file;
 other formats (MP3, Ogg, Opus, ...) are decoded, their headers only estimate the length; `verify="full"` decodes
-every file.
+every file, and checks a FLAC's samples against STREAMINFO's MD5 (FFmpeg conceals damaged frames).
 
 Resampling and downmix are off by default: a file that is not 16 kHz mono is refused. A source with `resample`
 (`downmix`) set is read at 16 kHz (mono) through FFmpeg's resampler (torchcodec's AudioDecoder `sample_rate`,
@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
-from hubert_pipeline.audio_headers import HEAD_BYTES, HeaderError, check_flac_end, parse_flac, parse_wav
+from hubert_pipeline.audio_headers import (
+    HEAD_BYTES,
+    HeaderError,
+    check_flac_end,
+    decoded_md5,
+    parse_flac,
+    parse_wav,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -206,14 +213,28 @@ def probe_format(source: AudioSource, verify: Verify = "header") -> Probe:
         raise BadAudioError(f"{source}: cannot be read ({e})") from e
     found = _header_probe(source, head)
     if found is None or verify == "full":
-        found = _decoded_probe(source, found)
+        found = _decoded_probe(source, found, head)
     if found.num_samples <= 0:
         raise BadAudioError(f"{source}: empty (0 samples)")
     return found
 
 
-def _decoded_probe(source: AudioSource, from_header: Probe | None) -> Probe:
+def _check_flac_md5(source: AudioSource, head: bytes, data: "torch.Tensor") -> None:
+    """BadAudioError when a FLAC's decoded samples do not have STREAMINFO's MD5: FFmpeg conceals a damaged frame
+    (same length, wrong samples), the MD5 does not."""
+    try:
+        flac = parse_flac(head)
+    except HeaderError:
+        return
+    if flac is None or not any(flac.md5) or flac.bits > 24 or needs_conversion(flac.sample_rate, flac.channels):  # noqa: PLR2004  float32 holds 24 bits
+        return
+    if decoded_md5(data.numpy(), flac.bits) != flac.md5:
+        raise BadAudioError(f"{source}: FLAC decoded samples do not match STREAMINFO's MD5 (damaged inside)")
+
+
+def _decoded_probe(source: AudioSource, from_header: Probe | None, head: bytes) -> Probe:
     data, metadata = _decode_with_metadata(source)
+    _check_flac_md5(source, head, data)
     decoded, estimate = data.shape[-1], metadata.duration_seconds_from_header
     if from_header is not None and decoded != from_header.num_samples:
         raise BadAudioError(f"{source}: its header says {from_header.num_samples} samples, {decoded} decode")

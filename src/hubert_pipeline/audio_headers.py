@@ -11,7 +11,10 @@ of the two. Reading the header and the last few kilobytes costs microseconds, wh
 
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
 
 WAVE_FORMAT_PCM = 1
 WAVE_FORMAT_IEEE_FLOAT = 3
@@ -106,6 +109,7 @@ class FlacInfo:
     total_samples: int  # 0: unknown (the encoder did not know it)
     max_block: int
     max_frame: int  # bytes; 0: unknown
+    md5: bytes  # of the decoded samples (signed, little-endian, interleaved); zeros: not computed by the encoder
     audio_offset: int  # first frame
 
 
@@ -147,11 +151,11 @@ def parse_flac(head: bytes) -> FlacInfo | None:
     info: tuple[int, ...] | None = None
     while pos + 4 <= len(head):
         last, kind, length = head[pos] >> 7, head[pos] & 0x7F, int.from_bytes(head[pos + 1 : pos + 4], "big")
-        if kind == 0 and pos + 4 + 18 <= len(head):
+        if kind == 0 and pos + 4 + 34 <= len(head):
             _, max_block, _, max_frame = struct.unpack_from(">HH3s3s", head, pos + 4)
             packed = int.from_bytes(head[pos + 14 : pos + 22], "big")  # rate 20, channels-1 3, bits-1 5, total 36
             info = (packed >> 44, ((packed >> 41) & 7) + 1, ((packed >> 36) & 31) + 1, packed & ((1 << 36) - 1),
-                    max_block, int.from_bytes(max_frame, "big"))  # fmt: skip
+                    max_block, int.from_bytes(max_frame, "big"), head[pos + 22 : pos + 38])  # fmt: skip
         pos += 4 + length
         if last:
             break
@@ -160,6 +164,17 @@ def parse_flac(head: bytes) -> FlacInfo | None:
     if info is None:
         raise HeaderError("FLAC without STREAMINFO")
     return FlacInfo(*info, audio_offset=pos)  # type: ignore[arg-type]
+
+
+def decoded_md5(samples: "np.ndarray", bits: int) -> bytes:
+    """FLAC's MD5 of decoded samples (channels, samples) in [-1, 1) as FFmpeg gives them (exact for bits <= 24)."""
+    import hashlib
+
+    import numpy as np
+
+    ints = np.rint(samples.T.astype(np.float64) * 2.0 ** (bits - 1)).astype("<i4")  # (samples, channels)
+    width = (bits + 7) // 8
+    return hashlib.md5(ints.view(np.uint8).reshape(-1, 4)[:, :width].tobytes()).digest()  # noqa: S324  FLAC's
 
 
 def _utf8_number(data: bytes, pos: int) -> tuple[int, int] | None:

@@ -86,7 +86,8 @@ class DataParams:
 class ManifestParams:
     extension: str | tuple[str, ...] = ".wav"  # one extension or a list: [.flac, .wav]
     on_bad_file: Literal["fail", "skip"] = "fail"
-    verify: Literal["header", "full"] = "header"  # full: decode every file (header: WAV/FLAC from checked headers)
+    verify: Literal["header", "full"] = "header"  # full: decode every file, FLAC against its MD5 (header: WAV/FLAC
+    # lengths from their headers, checked against the file)
     resample: bool = False  # files of other rates read at 16 kHz through FFmpeg's resampler (else refused)
     downmix: bool = False  # files of several channels read as mono through FFmpeg's downmix (else refused)
 
