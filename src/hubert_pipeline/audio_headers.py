@@ -148,22 +148,30 @@ def parse_flac(head: bytes) -> FlacInfo | None:
     if head[pos : pos + 4] != b"fLaC":
         return None
     pos += 4
-    info: tuple[int, ...] | None = None
+    streaminfo: bytes | None = None  # its 34 bytes
     while pos + 4 <= len(head):
         last, kind, length = head[pos] >> 7, head[pos] & 0x7F, int.from_bytes(head[pos + 1 : pos + 4], "big")
-        if kind == 0 and pos + 4 + 34 <= len(head):
-            _, max_block, _, max_frame = struct.unpack_from(">HH3s3s", head, pos + 4)
-            packed = int.from_bytes(head[pos + 14 : pos + 22], "big")  # rate 20, channels-1 3, bits-1 5, total 36
-            info = (packed >> 44, ((packed >> 41) & 7) + 1, ((packed >> 36) & 31) + 1, packed & ((1 << 36) - 1),
-                    max_block, int.from_bytes(max_frame, "big"), head[pos + 22 : pos + 38])  # fmt: skip
+        if kind == 0:
+            streaminfo = head[pos + 4 : pos + 4 + 34]
         pos += 4 + length
         if last:
             break
     else:
         raise HeaderError("FLAC metadata runs past the first 64 KiB")
-    if info is None:
+    if streaminfo is None or len(streaminfo) < 34:  # noqa: PLR2004
         raise HeaderError("FLAC without STREAMINFO")
-    return FlacInfo(*info, audio_offset=pos)  # type: ignore[arg-type]
+    _, max_block, _, max_frame = struct.unpack_from(">HH3s3s", streaminfo)
+    packed = int.from_bytes(streaminfo[10:18], "big")  # rate 20, channels-1 3, bits-1 5, total samples 36
+    return FlacInfo(
+        sample_rate=packed >> 44,
+        channels=((packed >> 41) & 7) + 1,
+        bits=((packed >> 36) & 31) + 1,
+        total_samples=packed & ((1 << 36) - 1),
+        max_block=max_block,
+        max_frame=int.from_bytes(max_frame, "big"),
+        md5=streaminfo[18:34],
+        audio_offset=pos,
+    )
 
 
 def decoded_md5(samples: "np.ndarray", bits: int) -> bytes:
