@@ -4,6 +4,7 @@ manifest's num_samples is that length."""
 
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -126,3 +127,55 @@ def test_a_manifest_without_format_columns_reads_files_as_they_are(converted):
     row = read_manifest(converted).drop("sample_rate", "channels").filter(pl.col("fileid") == "cv48").to_dicts()[0]
     with pytest.raises(BadAudioError, match=r"cv48\.mp3: expected mono 16000 Hz, got 1 channel\(s\) at 48000 Hz"):
         load_audio(source_of(row))
+
+
+@pytest.mark.slow
+def test_dvc_repro_units_it1_on_a_48khz_mp3_corpus_and_a_44khz_stereo_flac_one_with_resampling(tmp_path):
+    import json
+    import os
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(repo / name, root / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(repo / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "data" / "alignments").mkdir(parents=True)
+    for split, (rate, channels, extension, options, count) in {
+        "train": (48_000, 1, "mp3", ["-c:a", "libmp3lame", "-b:a", "48k"], 12),
+        "valid": (44_100, 2, "flac", ["-c:a", "flac"], 3),
+    }.items():
+        (root / "data" / split).mkdir(parents=True)
+        alignments = []
+        for i in range(count):
+            seconds = 2.5 + 0.1 * i
+            tone = f"sine=frequency={150 + 37 * i}:sample_rate={rate}:duration={seconds}"
+            noise = f"anoisesrc=color=pink:amplitude=0.1:sample_rate={rate}:duration={seconds}:seed={i}"
+            path = root / "data" / split / f"{split}-{i:03d}.{extension}"
+            subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", tone, "-f", "lavfi",
+                            "-i", noise, "-filter_complex", "amix=inputs=2", "-ac", str(channels), *options,
+                            str(path)], check=True)  # fmt: skip
+            phones = [[0.0, seconds / 2, "a"], [seconds / 2, seconds, "b"]]  # data.alignments cannot be empty in DVC
+            alignments.append({"fileid": path.stem, "speaker": "s", "phones": phones})
+        (root / "data" / "alignments" / f"{split}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in alignments))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"] |= {"train": "data/train", "valid": "data/valid", "alignments": "data/alignments"}
+    params["manifest"] |= {"extension": [".mp3", ".flac"], "resample": True, "downmix": True}
+    params["mfcc"] |= {"num_shards": 2}
+    params["kmeans"] |= {"k_it1": 8, "n_init": 1, "fit_fraction": 0.5}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "units_it1"]):
+        result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, f"{cmd}: {result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    train = read_manifest(root / "outputs" / "manifests" / "train.csv")
+    valid = read_manifest(root / "outputs" / "manifests" / "valid.csv")
+    assert set(train["sample_rate"]) == {48_000}
+    assert set(valid["channels"]) == {2}
+    for row in [*train.to_dicts(), *valid.to_dicts()]:
+        assert row["num_samples"] == ffmpeg_16k_mono(row["path"]).numel()
+    units = [json.loads(line) for line in (root / "outputs" / "units" / "it1" / "train.jsonl").read_text().splitlines()]
+    assert [len(u["units"]) for u in units] == [model_frames(n) for n in train["num_samples"]]
