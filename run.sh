@@ -95,9 +95,9 @@ case "$cmd" in
     ;;
   test)
     setup
-    uv run --frozen ruff check src stages tests bench
-    uv run --frozen ruff format --check src stages tests bench
-    uv run --frozen ty check src stages tests bench    # types
+    uv run --frozen ruff check src stages tests bench docs
+    uv run --frozen ruff format --check src stages tests bench docs
+    uv run --frozen ty check src stages tests bench docs    # types
     if [ $# -gt 0 ]; then uv run --frozen pytest "$@"; exit; fi
     uv run --frozen pytest                # the default suite (not gpu, not slurm)
     log "SLURM tests: a single-node cluster on loopback (slurm/local-cluster.sh)"

@@ -2,15 +2,17 @@
 
 Both train the SAME batch (same waveforms, lengths, labels and mask, built once by our `data.Collator` from seeded
 random audio and random units at 50 Hz) with a model of the SAME size and the SAME initial weights (ours built as
-train.py builds it, copied into the reference; state-dict keys and shapes are checked identical). Each step is the
-one its trainer runs, copied here line for line (keep it in sync with src/hubert_pipeline/train.py):
+train.py builds it, copied into the reference; state-dict keys and shapes are checked identical). The steps:
 
-- ours: batch to device, reseed, forward under autocast, loss (frame losses + feature penalty, over the masked
-  frames), backward, unscale, grad clip, finiteness check, AdamW step (fused on CUDA), zero_grad, LR scheduler,
-  the logged metrics;
-- reference (`minimal_hubert.train.train`, one process): batch to device, forward under autocast, loss, backward,
-  unscale, grad clip, fused AdamW step (its train.py hard-codes `fused=True`, also used here on CPU), zero_grad,
-  LR scheduler, its on-device meters. It is reseeded like ours, so both draw the same dropout masks and layer drops.
+- ours: the trainer's own code, imported, not copied: `hubert_pipeline.step.build_training` (model, AdamW fused on
+  CUDA, LR schedule, scaler, autocast), `hubert_pipeline.train.build_forward_model` (torch.compile) and
+  `optimization_step` (forward under autocast, loss over the masked frames, backward, unscale, grad clip,
+  finiteness check, AdamW step, zero_grad, LR scheduler), after the batch is moved to the device and the RNG
+  reseeded as train.py's loop does;
+- reference (`minimal_hubert.train.train`, one process), transcribed: batch to device, forward under autocast, loss,
+  backward, unscale, grad clip, fused AdamW step (its train.py hard-codes `fused=True`, also used here on CPU),
+  zero_grad, LR scheduler, its on-device meters. It is reseeded like ours, so both draw the same dropout masks and
+  layer drops.
 
 Sizes other than the reference's own (base, large, xlarge) are built by the reference's code with our preset's
 values in its config, conv layers and positional convolution (minimal_hubert hard-codes those). bf16 autocast on
@@ -38,7 +40,6 @@ import ctypes
 import gc
 import hashlib
 import json
-import math
 import os
 import resource
 import statistics
@@ -97,9 +98,8 @@ def make_batch(args: argparse.Namespace) -> Any:
     import torch
     from spidr.config import MaskingConfig
 
-    from hubert_pipeline.data import Collator
+    from hubert_pipeline.data import Collator, model_frames
     from hubert_pipeline.params import TrainParams
-    from hubert_pipeline.units import model_frames
 
     cfg = TrainParams()
     generator = torch.Generator().manual_seed(args.seed)
@@ -153,26 +153,30 @@ def reference_sized_as(cfg: Any, size: str) -> Generator[None]:
             setattr(ref, name, value)
 
 
-def build_models(impl: str, size: str, num_classes: int, seed: int) -> Any:
-    """Our HuBERTPretrain as train.py builds it; for `ref`, minimal_hubert's with our initial weights copied in."""
+def our_training(args: argparse.Namespace, device: Any) -> tuple[Any, Any, Any]:
+    """(TrainParams, model, Optimization) as train.py builds them: `build_training`, initial weights from the seed."""
+    from hubert_pipeline.model import HubertConfig
+    from hubert_pipeline.params import TrainParams
+    from hubert_pipeline.step import build_training
+
+    cfg = TrainParams(seed=args.seed, compile=args.compile)  # the recipe's step (bf16 autocast on CUDA)
+    model_cfg = HubertConfig.preset(args.size)
+    model, opt = build_training(cfg, model_cfg, args.num_classes, device)
+    return cfg, model, opt
+
+
+def build_reference(args: argparse.Namespace) -> Any:
+    """minimal_hubert's HuBERTPretrain of our preset's size, holding a copy of our initial weights (CPU)."""
     import torch
+    from minimal_hubert.model import HuBERTPretrain as RefPretrain
 
-    from hubert_pipeline.model import HubertConfig, HuBERTPretrain
-
-    cfg = HubertConfig.preset(size)  # ty: ignore[invalid-argument-type]
-    if impl == "ref":
-        from minimal_hubert.model import HuBERTPretrain as RefPretrain
-
-        with reference_sized_as(cfg, size):
-            reference = RefPretrain(num_classes, size=size)  # ty: ignore[invalid-argument-type]
-    torch.manual_seed(seed)  # as train.py: the same initial weights on every run
-    ours = HuBERTPretrain(cfg, num_classes)
-    if impl == "ours":
-        return ours
+    _, ours, _ = our_training(args, torch.device("cpu"))
+    with reference_sized_as(ours.config, args.size):
+        reference = RefPretrain(args.num_classes, size=args.size)
     ours_state, ref_state = ours.state_dict(), reference.state_dict()
     shapes = {k: tuple(v.shape) for k, v in ours_state.items()}
     if shapes != {k: tuple(v.shape) for k, v in ref_state.items()}:
-        raise RuntimeError(f"the reference built for size {size!r} does not have our state-dict keys and shapes")
+        raise RuntimeError(f"the reference built for size {args.size!r} does not have our state-dict keys and shapes")
     with torch.no_grad():
         for key, value in ref_state.items():
             value.copy_(ours_state[key])
@@ -183,79 +187,41 @@ def build_models(impl: str, size: str, num_classes: int, seed: int) -> Any:
 
 
 class OurTrainer:
-    """The optimizer set-up and the step of src/hubert_pipeline/train.py (one process, accumulate=1)."""
+    """Our trainer's step, called: `optimization_step` on the model `build_training` made (one process)."""
 
-    def __init__(self, model: Any, device: Any, *, compile_model: bool) -> None:
+    def __init__(self, args: argparse.Namespace, device: Any) -> None:
+        from hubert_pipeline.train import build_forward_model
+
+        self.device = device
+        self.cfg, self.model, self.opt = our_training(args, device)
+        self.forward_model = build_forward_model(self.model, compile_model=self.cfg.compile,
+                                                 find_unused_parameters=False, world_size=1)  # fmt: skip
+
+    def step(self, cpu_batch: Any, step: int, mark: Mark = _no_mark) -> float | None:
+        """One step of train.py's loop (batch to device, reseed, step); the mean masked-frame loss on step 0 only.
+
+        With a `mark` (the phase breakdown), hooks mark the end of the forward (a forward hook) and of the backward
+        (an optimizer pre-hook: it includes unscaling, clipping and the step's host sync); they are removed after
+        the step (a compiled model recompiles for them: the breakdown is not timed with the throughput).
+        """
         import torch
 
-        from hubert_pipeline.params import TrainParams
-        from hubert_pipeline.train import lr_lambda
+        from hubert_pipeline.step import optimization_step
 
-        self.cfg = cfg = TrainParams()
-        self.model, self.device = model, device
-        self.optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=cfg.lr,
-            betas=(cfg.betas[0], cfg.betas[1]),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            fused=device.type == "cuda",
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-        self.use_autocast = device.type == "cuda" and self.dtype != torch.float32
-        self.scaler = torch.GradScaler(device.type, enabled=self.use_autocast and self.dtype == torch.float16)
-        self.forward_model = torch.compile(model, dynamic=True) if compile_model else model
-
-    def step(self, cpu_batch: Any, step: int, mark: Mark = _no_mark) -> float:
-        """One optimizer step; returns the mean masked-frame loss (train_loss)."""
-        import torch
-
-        cfg, device, optimizer = self.cfg, self.device, self.optimizer
-        micro = [cpu_batch.to(device)]
-        torch.manual_seed(hash((cfg.seed, 0, step)) % 2**62)
-        frames = torch.tensor(float(sum(int(b.mask.sum()) for b in micro)), device=device)
-        stats = torch.zeros(4, device=device)
-        for batch in micro:
-            with torch.autocast(device.type, dtype=self.dtype, enabled=self.use_autocast):
-                frame_loss, out = self.forward_model(
-                    batch.waveforms, batch.labels, mask=batch.mask, attention_mask=batch.attention_mask
-                )
-                n = frame_loss.numel()
-                total = frame_loss.float().sum() + cfg.feature_penalty * out["feature_penalty"].float() * n
-                loss = total / frames.clamp(min=1)
-                mark("forward")
-                self.scaler.scale(loss).backward()
-                mark("backward")
-            stats += torch.stack(
-                [
-                    out["logits_loss"].detach().float().sum(),
-                    out["correct"].detach().float().sum(),
-                    out["feature_penalty"].detach().float() * n,
-                    torch.tensor(float(n), device=device),
-                ]
-            )
-        self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        stats = torch.cat([stats, torch.tensor([0.0], device=device)])  # train.py's stop-request flag
-        if not (math.isfinite(float(stats[0])) and math.isfinite(float(grad_norm))):
-            raise FloatingPointError(f"non-finite loss or gradient norm at step {step + 1}")
-        lr = self.scheduler.get_last_lr()[0]
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        f = float(stats[3]) or 1.0
-        metrics = {
-            "train_loss": float(stats[0]) / f,
-            "train_accuracy": float(stats[1]) / f,
-            "train_feature_penalty": float(stats[2]) / f,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-        }
-        _ = float(stats[4]) > 0
+        hooks = []
+        if mark is not _no_mark:
+            hooks.append(self.model.register_forward_hook(lambda *_: mark("forward")))
+            hooks.append(self.opt.optimizer.register_step_pre_hook(lambda *_: mark("backward")))
+        try:
+            micro = [cpu_batch.to(self.device)]
+            torch.manual_seed(hash((self.cfg.seed, 0, step)) % 2**62)  # train.py's loop, rank 0
+            result = optimization_step(self.model, micro, self.opt, cfg=self.cfg, step=step,
+                                       forward_model=self.forward_model)  # fmt: skip
+        finally:
+            for hook in hooks:
+                hook.remove()
         mark("optimizer")
-        return metrics["train_loss"]
+        return result.metrics["train_loss"] if step == 0 else None
 
 
 class ReferenceTrainer:
@@ -345,11 +311,14 @@ class Worker:
         if self.device.type == "cuda":
             batch = type(batch)(*(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in vars(batch).values()))
         self.batch = batch
-        self.model = build_models(args.impl, args.size, args.num_classes, args.seed).to(self.device).train()
+        if args.impl == "ours":
+            self.trainer: OurTrainer | ReferenceTrainer = OurTrainer(args, self.device)
+            self.model = self.trainer.model
+        else:
+            self.model = build_reference(args).to(self.device).train()
+            self.trainer = ReferenceTrainer(self.model, self.device, compile_model=args.compile)
         release_free_memory()
-        self.rss_model = rss_bytes()
-        trainer = OurTrainer if args.impl == "ours" else ReferenceTrainer
-        self.trainer = trainer(self.model, self.device, compile_model=args.compile)
+        self.rss_model = rss_bytes()  # the model (and the optimizer object: its state comes with the first step)
         self.first_loss = self.trainer.step(batch, 0)
         for step in range(1, args.warmup):
             self.trainer.step(batch, step)

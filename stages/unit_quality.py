@@ -4,7 +4,11 @@ Rows: the MFCC units (targets of iteration 1, k = kmeans.k_it1), MFCC units at t
 with k, so layers are compared with these), the it1 best-layer units (targets of iteration 2), and the units of
 the it2 model's best layer (what an iteration 3 would train on: k-means with k = kmeans.k on the same fitting
 subset, valid split only). Columns: PNMI, phone purity, cluster purity on the valid split, and ABX (within and
-across speakers) of MFCC and of each model's best layer. Written as a DVC metrics file and logged to MLflow.
+across speakers) of MFCC and of each model's best layer. Written as a DVC metrics file and logged to MLflow:
+`<row>_<column>` (`it1_best_layer_pnmi`), and the rows compared at equal k once more as one curve per column,
+`units_<column>` (`units_pnmi`, `units_phone_purity`, `units_cluster_purity`, `units_abx_within`,
+`units_abx_across`) at step 0 (MFCC at kmeans.k), 1 and 2 (the best layer of the it1 and it2 model), which
+MLflow's chart view draws against the iteration.
 """
 
 import json
@@ -13,6 +17,8 @@ from pathlib import Path
 import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
 
 from hubert_pipeline.cli import parser, setup_logging
+
+EQUAL_K_ROWS = ("mfcc_at_k", "it1_best_layer", "it2_best_layer")  # units_* metrics at steps 0, 1, 2
 
 if __name__ == "__main__":
     p = parser(__doc__)
@@ -97,6 +103,9 @@ if __name__ == "__main__":
         write_json(args.metrics, table)
         for name, row in table.items():
             mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in row.items() if isinstance(v, int | float)})
+        for step, name in enumerate(EQUAL_K_ROWS):
+            mlflow.log_metrics({f"units_{k}": float(v) for k, v in table[name].items()
+                                if k != "k" and isinstance(v, int | float)}, step=step)  # fmt: skip
         mlflow.log_artifact(args.metrics)
         validate = {it: json.loads(Path(path).read_text()) for it, path in enumerate(args.validate, start=1)}
         summary = experiment_summary(table, validate)

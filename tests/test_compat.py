@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
-from hubert_pipeline import compat
+from hubert_pipeline import convert
 from hubert_pipeline.compat import (
     export_hf,
     infer_config,
@@ -365,8 +365,8 @@ def test_missing_checkpoint_is_a_file_not_found_error(tmp_path):
 def test_convert_cli_writes_a_transformers_folder(tmp_path, monkeypatch, waveforms):
     ours = seeded(HuBERTPretrain, HubertConfig.preset("tiny"), NUM_CLASSES)
     save_native(ours, tmp_path / "ckpt")
-    monkeypatch.setattr(sys, "argv", ["compat", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf"])
-    compat.main()
+    monkeypatch.setattr(sys, "argv", ["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf"), "--to", "hf"])
+    convert.main()
     hf = transformers.HubertModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert_close(hf(waveforms).last_hidden_state, hidden(ours, waveforms), atol=ATOL, rtol=ATOL)

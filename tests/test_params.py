@@ -43,6 +43,15 @@ def test_out_of_range_value_is_rejected(tmp_path):
         load_params(write(tmp_path, {"kmeans": {"fit_fraction": 1.5}}))
 
 
+@pytest.mark.parametrize(
+    ("key", "value"), [("room_rt60", [0.5, 0.1]), ("room_rt60", [0.3]), ("noise_snr_db", [20, 200])]
+)
+def test_a_demo_range_must_be_empty_or_low_high(tmp_path, key, value):
+    with pytest.raises(ParamsError, match=rf"demo\.{key} must be \[\] or \[low, high\]"):
+        load_params(write(tmp_path, {"demo": {key: value}}))
+    assert getattr(load_params(write(tmp_path, {"demo": {key: []}})).demo, key) == ()
+
+
 def test_ints_are_accepted_for_floats_and_lists_become_tuples(tmp_path):
     params = load_params(write(tmp_path, {"demo": {"train_minutes": 1, "speeds": [1, 2]}}))
     assert params.demo.train_minutes == 1.0

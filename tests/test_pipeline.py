@@ -166,6 +166,9 @@ def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project
     (run_,) = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list",
                                  filter_string="tags.stage = 'unit_quality'")  # fmt: skip
     assert run_.data.metrics["it2_best_layer_pnmi"] == table["it2_best_layer"]["pnmi"]
+    history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "units_pnmi")  # one curve: 0 MFCC, 1, 2
+    rows = ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
+    assert sorted((m.step, m.value) for m in history) == [(step, table[row]["pnmi"]) for step, row in enumerate(rows)]
 
 
 @pytest.mark.slow

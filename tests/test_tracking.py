@@ -184,7 +184,7 @@ def clean_env() -> dict[str, str]:
 
 
 def compat_cli(cwd, env) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "hubert_pipeline.compat", "models:/hubert-pipeline@it1", "my_teacher"]
+    cmd = [sys.executable, "-m", "hubert_pipeline.convert", "models:/hubert-pipeline@it1", "my_teacher"]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
 
 

@@ -150,13 +150,20 @@ def _ddp_worker(rank, port, manifest, out, cfg):
 
 
 @pytest.mark.slow
-def test_ddp_with_two_cpu_processes_matches_one_process_at_the_same_global_batch(manifest, tmp_path):
-    cfg = replace(CFG, max_steps=4, max_batch_samples=2 * 48_000)
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_ddp_with_two_cpu_processes_matches_one_process_at_the_same_global_batch(manifest, tmp_path, accumulate):
+    """2 processes x `accumulate` micro-batches against 1 x 2 `accumulate`: the same batches in every step.
+
+    The masked frames differ between the micro-batches of a step, so the weights agree only because each
+    micro-batch's loss is divided by the masked frames of the whole step over both processes (fairseq's
+    sample_size), not by those of its own process.
+    """
+    cfg = replace(CFG, max_steps=4, max_batch_samples=2 * 48_000, accumulate=accumulate)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_ddp_worker, args=(port, str(manifest), str(tmp_path / "ddp"), cfg), nprocs=2)
-    run_train(manifest, tmp_path / "single", replace(cfg, accumulate=2))
+    run_train(manifest, tmp_path / "single", replace(cfg, accumulate=2 * accumulate))
     a = torch.load(tmp_path / "single" / "step_00000004.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "ddp" / "step_00000004.pt", weights_only=True)["model"]
     for key in a:
@@ -235,3 +242,23 @@ def test_batches_of_neighbouring_lengths_train_on_more_of_the_audio_than_coarse_
     assert used(20, pad_audio=True) == pytest.approx(1.0)
     assert used(150) > used(20) + 0.01
     assert used(150) > 0.98
+
+
+def test_a_stop_request_saves_the_step_raises_interrupted_and_the_resumed_run_matches(manifest, tmp_path):
+    from hubert_pipeline.train import Interrupted
+
+    full = run_train(manifest, tmp_path / "full")
+    steps = []
+
+    def stop_after_step_3():  # polled once per step, before that step is counted
+        steps.append(len(steps) + 1)
+        return len(steps) == 3
+
+    with pytest.raises(Interrupted, match="stopped at step 3"):
+        train(manifest, tmp_path / "cut", cfg=CFG, model_size="tiny", model_overrides=NO_DROPOUT, num_classes=8,
+              stop_requested=stop_after_step_3)  # fmt: skip
+    assert [s for s, _ in list_checkpoints(tmp_path / "cut")] == [2, 3]  # step 3 saved off the save interval
+    resumed = run_train(manifest, tmp_path / "cut")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5)

@@ -10,10 +10,11 @@ Layouts that load (`load_state_dict_any` + `to_native`, or simply `HuBERT.from_p
   file you trust, and save the result in our layout.
 Configs are read from the checkpoint where it has one, else inferred from tensor shapes (`infer_config`).
 
-    python -m hubert_pipeline.compat hubert_base_ls960.pt out/hubert_base --trust-pickle --to hf
+    python -m hubert_pipeline.convert hubert_base_ls960.pt out/hubert_base --trust-pickle --to hf
+
+The model imports this module to load (`HuBERT.from_pretrained`), never the other way round.
 """
 
-import argparse
 import contextlib
 import json
 import logging
@@ -24,15 +25,24 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Generator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hubert_pipeline.model import FAIRSEQ_CONV_LAYERS, SIZES, HuBERT, HubertConfig, Size
+from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS, SIZES, HubertConfig, Size
 
 logger = logging.getLogger(__name__)
+
+
+class Model(Protocol):
+    """What is saved of a `hubert_pipeline.model.HuBERT` (this module does not import the model: it loads for it)."""
+
+    config: HubertConfig
+
+    def state_dict(self) -> dict[str, Any]: ...
+
 
 NATIVE_FORMAT = "hubert_pipeline"
 MLFLOW_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -252,7 +262,7 @@ def _load_torch(path: Path, *, trust_pickle: bool) -> Any:
         if not trust_pickle:
             raise ValueError(
                 f"{path} holds pickled Python objects (a fairseq checkpoint's omegaconf config or dictionaries), which "
-                "are not loaded by default. If you trust the file, convert it once: `python -m hubert_pipeline.compat "
+                "are not loaded by default. If you trust the file, convert it once: `python -m hubert_pipeline.convert "
                 f"{path} OUT_DIR --trust-pickle` (or pass trust_pickle=True)"
             ) from e
         logger.warning("unpickling %s with weights_only=False (trust_pickle)", path)
@@ -353,7 +363,7 @@ def _save_tensors(state_dict: Mapping[str, Tensor], path: Path) -> None:
     save_file({k: v if _owns_storage(v) else v.clone() for k, v in tensors.items()}, path)
 
 
-def save_native(model: HuBERT, out_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
+def save_native(model: Model, out_dir: str | Path, extra: dict[str, Any] | None = None) -> None:
     """Write our layout: config.json (format, config, num_classes, **extra) + model.safetensors, atomically."""
     meta: dict[str, Any] = {"format": NATIVE_FORMAT, "config": model.config.to_dict(),
                             "num_classes": getattr(model, "num_classes", None)}  # fmt: skip
@@ -369,7 +379,7 @@ def read_native_metadata(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / "config.json").read_text())
 
 
-def hf_config(model: HuBERT) -> dict[str, Any]:
+def hf_config(model: Model) -> dict[str, Any]:
     cfg = model.config
     return {
         "architectures": ["HubertModel"],
@@ -391,7 +401,7 @@ def hf_config(model: HuBERT) -> dict[str, Any]:
     }
 
 
-def export_hf(model: HuBERT, out_dir: str | Path) -> None:
+def export_hf(model: Model, out_dir: str | Path) -> None:
     """Write a transformers `HubertModel` folder (config.json + model.safetensors), atomically."""
     if model.config.frontend != "conv":
         raise ValueError(
@@ -414,26 +424,9 @@ def export_hf(model: HuBERT, out_dir: str | Path) -> None:
         (tmp / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description="Convert a HuBERT checkpoint (fairseq, torchaudio, transformers, ours, MLflow URI).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    parser.add_argument("source", help="checkpoint file or folder, or MLflow URI (models:/name@alias)")
-    parser.add_argument("out_dir", type=Path, help="output folder")
-    parser.add_argument("--to", choices=["native", "hf"], default="native", help="output layout")
-    parser.add_argument("--pretrain", action="store_true", help="keep the pretraining head (native only)")
-    parser.add_argument("--trust-pickle", action="store_true", help="unpickle .pt files fully (trusted files only)")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from hubert_pipeline.model import HuBERTPretrain
+if __name__ == "__main__":  # the former command, `python -m hubert_pipeline.compat SRC OUT`: now `...convert`
+    import runpy
+    import sys
 
-    cls = HuBERTPretrain if args.pretrain else HuBERT
-    model = cls.from_pretrained(args.source, trust_pickle=args.trust_pickle)
-    (save_native if args.to == "native" else export_hf)(model, args.out_dir)
-    logger.info("wrote %s (%s layout)", args.out_dir, args.to)
-
-
-if __name__ == "__main__":
-    main()
+    print("python -m hubert_pipeline.compat is now python -m hubert_pipeline.convert", file=sys.stderr)
+    runpy.run_module("hubert_pipeline.convert", run_name="__main__", alter_sys=True)

@@ -23,9 +23,14 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hubert_pipeline.audio import load_audio, source_of
-from hubert_pipeline.units import model_frames
+from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS, conv_frames
 
 STRIDE = 320  # samples per model frame: crops start on frame boundaries, so labels stay exactly aligned
+
+
+def model_frames(num_samples: int) -> int:
+    """Frames (50 Hz) of the conv extractor for `num_samples` (`units.model_frames`, without numpy or polars)."""
+    return conv_frames(num_samples, FAIRSEQ_CONV_LAYERS)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,11 @@ class Batch:
     mask: Tensor  # (B, F) bool, True = masked frame (never on padding)
     audio_seconds: float
     lengths: Tensor | None = None  # (B,) samples of each waveform; None without padding
+    masked_frames: int = -1  # mask.sum(), counted where the batch is made (on the host): -1 counts it
+
+    def __post_init__(self) -> None:
+        if self.masked_frames < 0:  # a sync if the mask is on a GPU already: the collator counts on the CPU
+            object.__setattr__(self, "masked_frames", int(self.mask.sum()))
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(
@@ -45,6 +55,7 @@ class Batch:
             self.mask.to(device, non_blocking=True),
             self.audio_seconds,
             None if self.lengths is None else self.lengths.to(device, non_blocking=True),
+            masked_frames=self.masked_frames,
         )
 
 

@@ -11,6 +11,7 @@ The same parameters give byte-identical files, whatever the number of workers.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -25,10 +26,13 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hubert_pipeline.io import atomic_open, atomic_path, write_json
 from hubert_pipeline.params import DemoParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +291,63 @@ def _phones(synth: Synthesized) -> list[list[Any]]:
     return phones
 
 
-def write_wav(synth: Synthesized, path: Path) -> None:
+def _file_rng(seed: int, fileid: str) -> "np.random.Generator":
+    import numpy as np
+
+    digest = hashlib.sha256(f"{seed}/{fileid}".encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def _fft_filter(x: "np.ndarray", response: "np.ndarray") -> "np.ndarray":
+    """Linear convolution of `x` with `response`, cut to the length of `x` (the FFT way)."""
+    import numpy as np
+
+    n = x.size + response.size - 1
+    return np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(response, n), n)[: x.size]
+
+
+def room_response(rng: "np.random.Generator", rt60: float) -> "np.ndarray":
+    """A synthetic room: the direct sound at sample 0, then a diffuse tail decaying 60 dB in `rt60` seconds.
+
+    The tail is Gaussian noise under an exponential envelope, starting 2-5 ms after the direct sound, low-passed by a
+    random one-pole filter (walls absorb the highs), with a direct-to-reverberant ratio of 3-15 dB.
+    """
+    import numpy as np
+
+    delay = int(rng.uniform(0.002, 0.005) * SAMPLE_RATE)
+    t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+    a = rng.uniform(0.2, 0.7)
+    tail = _fft_filter(rng.standard_normal(t.size) * 10 ** (-3 * t / rt60), (1 - a) * a ** np.arange(64))
+    tail *= math.sqrt(10 ** (-rng.uniform(3, 15) / 10) / np.sum(tail**2))
+    return np.concatenate([[1.0], np.zeros(delay - 1), tail])
+
+
+def coloured_noise(rng: "np.random.Generator", n: int) -> "np.ndarray":
+    """Stationary noise of unit power whose spectrum falls as 1 / f**alpha, alpha in [0, 2] (white to brown)."""
+    import numpy as np
+
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    f = np.maximum(np.fft.rfftfreq(n, 1 / SAMPLE_RATE), 20.0)
+    noise = np.fft.irfft(spectrum * f ** (-rng.uniform(0.0, 2.0) / 2), n)
+    return noise / math.sqrt(np.mean(noise**2))
+
+
+def room_and_noise(x: "np.ndarray", rng: "np.random.Generator", params: DemoParams) -> "np.ndarray":
+    """One recording condition per file: a random room (`room_rt60`), coloured noise at a random SNR
+    (`noise_snr_db`, against the file's mean power), a random level (-6..0 dB under a 0.9 peak)."""
+    import numpy as np
+
+    if params.room_rt60:
+        low, high = params.room_rt60
+        x = _fft_filter(x, room_response(rng, rng.uniform(low, high)))
+    if params.noise_snr_db:
+        low, high = params.noise_snr_db
+        power = np.mean(x**2) * 10 ** (-rng.uniform(low, high) / 10)
+        x = x + math.sqrt(power) * coloured_noise(rng, x.size)
+    return x * (0.9 / max(np.max(np.abs(x)), 1e-9)) * 10 ** (-rng.uniform(0, 6) / 20)
+
+
+def write_wav(synth: Synthesized, path: Path, params: DemoParams) -> None:
     import numpy as np
     import torch
     from torchaudio.functional import resample
@@ -298,6 +358,8 @@ def write_wav(synth: Synthesized, path: Path) -> None:
     if synth.orig_freq != SAMPLE_RATE:
         x = resample(x, synth.orig_freq, SAMPLE_RATE)
     assert x.numel() == synth.num_output_samples, (x.numel(), synth.num_output_samples)
+    if params.room_rt60 or params.noise_snr_db:
+        x = torch.from_numpy(room_and_noise(x.double().numpy(), _file_rng(params.seed, synth.job.fileid), params))
     pcm = (x * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy().astype("<i2")
     with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
@@ -425,13 +487,17 @@ def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1
         results = _synthesize_splits(streams, seconds, len(speakers), Path(tmp), pool=pool, workers=workers)
         finished = [s for split in results for s in results[split]]
         paths = {s.job: out_dir / "wav" / s.job.split / s.job.speaker.name / f"{s.job.fileid}.wav" for s in finished}
-        for _ in tqdm(pool.map(lambda s: write_wav(s, paths[s.job]), finished), total=len(finished), desc="writing"):
+        for _ in tqdm(
+            pool.map(lambda s: write_wav(s, paths[s.job], params), finished), total=len(finished), desc="writing"
+        ):
             pass
 
     summary: dict[str, Any] = {
         "seed": params.seed,
         "voices": list(params.voices),
         "speeds": list(params.speeds),
+        "room_rt60": list(params.room_rt60),
+        "noise_snr_db": list(params.noise_snr_db),
         "speakers": [s.name for s in speakers],
         "text": params.text or str(LICENSES),
         "sample_rate": SAMPLE_RATE,
@@ -479,6 +545,8 @@ def main() -> None:
     parser.add_argument("--voices", nargs="+", default=list(defaults.voices), help=f"among {sorted(VOICES)}")
     parser.add_argument("--speeds", nargs="+", type=float, default=list(defaults.speeds), help="speed factors")
     parser.add_argument("--text", default=defaults.text, help=f"UTF-8 text file; empty: the files of {LICENSES}")
+    parser.add_argument("--room-rt60", nargs="*", type=float, default=list(defaults.room_rt60), help="low high (s)")
+    parser.add_argument("--noise-snr-db", nargs="*", type=float, default=list(defaults.noise_snr_db), help="low high")
     parser.add_argument("--workers", type=int, default=1, help="parallel Festival processes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -490,6 +558,8 @@ def main() -> None:
         voices=tuple(args.voices),
         speeds=tuple(args.speeds),
         text=args.text,
+        room_rt60=tuple(args.room_rt60),
+        noise_snr_db=tuple(args.noise_snr_db),
     )
     summary = synthesize_demo(args.out_dir, params, workers=args.workers)
     print(json.dumps(summary["splits"], indent=2))

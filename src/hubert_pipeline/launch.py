@@ -49,10 +49,6 @@ class TaskError(RuntimeError):
     """A task of a stage failed; the message names the task and, on SLURM, its log."""
 
 
-class Interrupted(Exception):  # noqa: N818  a signal, not an error
-    """Raised by a distributed task that stopped early on SIGUSR2 after saving a checkpoint."""
-
-
 def _limit_threads(num_threads: int) -> None:
     import torch
 
@@ -406,6 +402,8 @@ class _DistributedTask(submitit.helpers.Checkpointable):
             requested.set()
 
         signal.signal(signal.SIGUSR2, on_signal)
+        from hubert_pipeline.train import Interrupted
+
         try:
             self.fn(**self.kwargs, stop_requested=requested.is_set)
         except Interrupted:

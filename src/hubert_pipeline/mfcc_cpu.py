@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from hubert_pipeline.audio import PCM16_SCALE, as_float32
-from hubert_pipeline.features import (
+from hubert_pipeline.kaldi import (
     DIM,
     FFT_SIZE,
     FLOAT32_EPSILON,

@@ -9,7 +9,7 @@ rows; then Δ and ΔΔ by gathers within each utterance.
 import functools
 from typing import TYPE_CHECKING, NamedTuple
 
-from hubert_pipeline.features import (
+from hubert_pipeline.kaldi import (
     DELTA_WINDOW,
     DIM,
     FFT_SIZE,

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
-import yaml
-
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -71,6 +69,8 @@ class DemoParams:
     voices: tuple[str, ...] = ("kal", "ked", "slt")
     speeds: tuple[float, ...] = (0.9, 1.0, 1.12)
     text: str = ""
+    room_rt60: tuple[float, ...] = ()  # (low, high) seconds, a random room per file; (): dry
+    noise_snr_db: tuple[float, ...] = ()  # (low, high) dB of coloured noise per file; (): clean
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class TrainParams:
     processes: int = 1  # local processes (DDP: gloo on CPU, NCCL on GPU)
     num_workers: int = 1  # data-loading workers per process
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA; CPU trains in float32
-    compile: bool = False  # torch.compile the model (CUDA)
+    compile: bool = False  # torch.compile the model (inductor; on CPU too)
     init_from: str = ""  # iteration 2: start from this checkpoint (path or models:/ URI) instead of random weights
 
 
@@ -256,6 +256,8 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     if not path.is_file():
         raise ParamsError(f"{path}: no such params file")
     with path.open(encoding="utf-8") as f:
+        import yaml  # here: the training step imports params without PyYAML
+
         raw = yaml.safe_load(f)
     params = build(Params, raw, str(path))
     if profile := params.execution.slurm.profile:
@@ -269,6 +271,8 @@ def _apply_profile(raw: dict[str, Any], profile: Path, where: str) -> Params:
     if not profile.is_file():
         raise ParamsError(f"{where}: execution.slurm.profile: no such file {profile}")
     with profile.open(encoding="utf-8") as f:
+        import yaml
+
         values = yaml.safe_load(f) or {}
     if not isinstance(values, dict):
         raise ParamsError(f"{profile}: expected a mapping of execution.slurm keys")
@@ -278,6 +282,10 @@ def _apply_profile(raw: dict[str, Any], profile: Path, where: str) -> Params:
     execution = dict(raw.get("execution") or {})
     execution["slurm"] = dict(execution.get("slurm") or {}) | values
     return build(Params, raw | {"execution": execution}, where)
+
+
+def _is_range(values: tuple[float, ...], low: float, high: float) -> bool:
+    return not values or (len(values) == 2 and low <= values[0] <= values[1] <= high)  # noqa: PLR2004
 
 
 def validate(params: Params, where: str) -> None:
@@ -301,6 +309,8 @@ def validate(params: Params, where: str) -> None:
         (params.demo.train_minutes > 0, "demo.train_minutes must be > 0"),
         (len(params.demo.voices) > 0, "demo.voices must not be empty"),
         (all(s > 0 for s in params.demo.speeds), "demo.speeds must be > 0"),
+        (_is_range(params.demo.room_rt60, 0.05, 2.0), "demo.room_rt60 must be [] or [low, high] in [0.05, 2] s"),
+        (_is_range(params.demo.noise_snr_db, -10, 100), "demo.noise_snr_db must be [] or [low, high] in [-10, 100] dB"),
     ]
     checks += _extension_checks(params.manifest)
     for name in ("train_it1", "train_it2"):

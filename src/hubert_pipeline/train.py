@@ -4,65 +4,51 @@
     torchrun --nproc-per-node 2 -m hubert_pipeline.train ...                             # DDP (gloo on CPU)
     (under SLURM: one task per GPU, srun python -m hubert_pipeline.train ...)
 
-Checkpoints `OUT_DIR/step_XXXXXXXX.pt` are written atomically every `save_interval` steps exactly and at the last
-step; they hold model, optimizer, scheduler, scaler, step and the position in the data order (loaded back with
-`torch.load(weights_only=True)`: no pickle). Randomness is stateless: the crops and masks of a batch come from
-(seed, epoch, batch number), and the global RNG (dropout, layer drop) is reseeded from (seed, rank, step) at every
-step, so a resumed run gives the losses of an uninterrupted one.
+Read top to bottom: `build_forward_model` (compile, DDP), `TrainingData` (loader and the position in the data
+order), `MetricWindow` (the logged averages), `_loop` (step, log, save, stop on request), `train` (build, resume,
+loop). The step and what it updates are `hubert_pipeline.step`'s (`build_training`, `optimization_step`, importable
+from here too); checkpoints are `hubert_pipeline.checkpoint`'s, every `save_interval` steps exactly and at the last.
+Randomness is stateless:
+the crops and masks of a batch come from (seed, epoch, batch number), and the global RNG (dropout, layer drop) is
+reseeded from (seed, rank, step) at every step, so a resumed run gives the losses of an uninterrupted one.
 """
 
 import dataclasses
 import logging
-import math
 import os
-import re
 import time
-from collections.abc import Callable
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import distributed as dist
 
+from hubert_pipeline.checkpoint import Checkpointer, TrainState, fingerprint, list_checkpoints
 from hubert_pipeline.params import TrainParams
+from hubert_pipeline.step import (
+    NonFiniteLossError,
+    Optimization,
+    StepResult,
+    build_training,
+    lr_lambda,
+    optimization_step,
+)
 
 if TYPE_CHECKING:
-    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
 
-    from hubert_pipeline.data import Batch
-    from hubert_pipeline.model import HubertConfig, HuBERTPretrain, Size
+    from hubert_pipeline.data import Batch, Collator, ResumableBatchSampler
+    from hubert_pipeline.model import HubertConfig, Size
+
+# The step's API, also importable from here (tests/equality.py, bench/train_throughput.py use it):
+__all__ = ["NonFiniteLossError", "Optimization", "build_training", "list_checkpoints", "lr_lambda",
+           "optimization_step", "train"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_RE = re.compile(r"^step_(\d{8})\.pt$")
 type LogFn = Callable[[dict[str, float], int], None]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or the gradient norm is NaN or infinite; the message names the step."""
-
-
-def checkpoint_path(out_dir: str | Path, step: int) -> Path:
-    return Path(out_dir) / f"step_{step:08d}.pt"
-
-
-def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, path) of every complete checkpoint, by step."""
-    folder = Path(out_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := CHECKPOINT_RE.match(p.name))]
-    return sorted(found)
-
-
-def lr_lambda(warmup: int, max_steps: int) -> Callable[[int], float]:
-    """fairseq's polynomial_decay (power 1): linear warmup to the peak, then linear decay to 0 at max_steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
-
-    return factor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +59,12 @@ class DistEnv:
 
 
 def init_distributed(device_type: str) -> DistEnv:
-    """torchrun / SLURM / single process (spidr's detection); gloo on CPU, NCCL on CUDA."""
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) <= 1:
+    """torchrun / SLURM / single process (spidr's detection); gloo on CPU, NCCL on CUDA.
+
+    Launched by torchrun (WORLD_SIZE set), a process group is made even for one process (its collectives are then
+    skipped: world_size 1), so that `torchrun --nproc-per-node 1` exercises the NCCL set-up (bench/gpu_check.py).
+    """
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return DistEnv(0, 0, 1)
     from spidr.environment import distributed_environment
 
@@ -91,148 +81,211 @@ def select_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def fingerprint(manifest: str | Path, num_classes: int, model_cfg: Any, cfg: TrainParams) -> str:
-    """What makes a checkpoint resumable: same units, classes, model and trajectory settings.
+# ---------------------------------------------------------------- building a run
 
-    Left out: max_steps (a run can be extended), intervals, workers, and init_from (used only at step 0).
+
+def build_forward_model(
+    model: torch.nn.Module, *, compile_model: bool, find_unused_parameters: bool, world_size: int
+) -> torch.nn.Module:
+    """The model as the step calls it: compiled (inductor, on CPU too) if asked, wrapped in DDP on many processes."""
+    forward_model = model
+    if compile_model:
+        forward_model = cast("torch.nn.Module", torch.compile(model, dynamic=True))
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = next(model.parameters()).device
+        forward_model = DistributedDataParallel(
+            forward_model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            find_unused_parameters=find_unused_parameters,
+        )
+    return forward_model
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """This process's loader, and the epoch bookkeeping of the resumable batch order (every rank the same)."""
+
+    loader: "DataLoader"
+    sampler: "ResumableBatchSampler"
+    collator: "Collator"
+    lengths: list[int]  # samples of every file of the manifest
+    cfg: TrainParams
+    steps_per_epoch: int = 0
+    audio_used: float = 0.0  # fraction of the training audio this epoch trains on
+
+    @classmethod
+    def build(cls, rows: list[dict], cfg: TrainParams, env: DistEnv, *, epoch: int, manifest: str | Path) -> Any:
+        from spidr.config import MaskingConfig
+
+        from hubert_pipeline.data import build_loader
+
+        loader, sampler, collator = build_loader(
+            rows,
+            masking=MaskingConfig(mask_prob=cfg.mask_prob, mask_length=cfg.mask_length),
+            max_batch_samples=cfg.max_batch_samples,
+            min_sample_size=cfg.min_sample_size,
+            max_sample_size=cfg.max_sample_size,
+            num_buckets=cfg.num_buckets,
+            seed=cfg.seed,
+            shuffle=True,
+            normalize=cfg.normalize,
+            pad_audio=cfg.pad_audio,
+            num_workers=cfg.num_workers,
+            rank=env.rank,
+            world_size=env.world_size,
+            accumulate=cfg.accumulate,
+        )
+        sampler.set_epoch(epoch)  # bucketing gives each epoch its own number of batches
+        data = cls(loader, sampler, collator, [int(r["num_samples"]) for r in rows], cfg)
+        data.steps_per_epoch = sampler.batches_per_epoch // cfg.accumulate
+        if data.steps_per_epoch == 0:
+            raise ValueError(f"{manifest}: too little data for one step of {env.world_size} x {cfg.accumulate} batches")
+        return data
+
+    def epoch_batches(self, state: TrainState) -> Iterator["Batch"]:
+        """The batches of this process from `state`'s position on, moving `state` to the next epoch if it is done."""
+        if state.steps_in_epoch >= self.steps_per_epoch:
+            state.epoch, state.steps_in_epoch = state.epoch + 1, 0
+        self.sampler.set_epoch(state.epoch, skip=state.steps_in_epoch * self.cfg.accumulate)
+        self.steps_per_epoch = self.sampler.batches_per_epoch // self.cfg.accumulate
+        self.collator.epoch = state.epoch
+        self.audio_used = self.sampler.audio_used(
+            self.lengths, max_sample_size=self.cfg.max_sample_size, pad_audio=self.cfg.pad_audio
+        )
+        return iter(self.loader)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class MetricWindow:
+    """The steps since the last log: their results (read back only when logged), audio and model FLOPs.
+
+    Logged besides the step's metrics: audio_seconds_per_second (every process), model_flops_per_second (this
+    process: `hubert_pipeline.flops`) and, on a GPU of the peak table, mfu (that rate over its dense bf16 peak).
     """
-    import hashlib
-    import json
 
-    digest = hashlib.sha256()
-    with Path(manifest).open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    ignored = {"max_steps", "save_interval", "log_interval", "num_workers", "init_from", "compile", "processes",
-               "accumulate"}  # fmt: skip  # processes x accumulate: checked on resume with a clear error
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
-    key = json.dumps([digest.hexdigest(), num_classes, model_cfg.to_dict(), settings], sort_keys=True, default=str)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
+        self.reset()
 
+    def reset(self) -> None:
+        self.results: list[StepResult] = []
+        self.audio, self.flops, self.start = 0.0, 0.0, time.perf_counter()
 
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    from hubert_pipeline.io import atomic_path
+    def add(self, result: StepResult, audio_seconds: float, flops: float) -> None:
+        self.results.append(result)
+        self.audio += audio_seconds
+        self.flops += flops
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-@dataclasses.dataclass(frozen=True)
-class Optimization:
-    """What an optimisation step updates besides the model, and the autocast it runs under."""
-
-    optimizer: torch.optim.AdamW
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.GradScaler
-    autocast_dtype: torch.dtype | None  # None: no autocast (CPU, or float32 on CUDA)
-
-
-def build_training(
-    cfg: TrainParams, model_cfg: "HubertConfig", num_classes: int, device: torch.device
-) -> tuple["HuBERTPretrain", Optimization]:
-    """A run's model (initial weights from cfg.seed, train mode, on `device`), its AdamW, LR schedule and scaler."""
-    from hubert_pipeline.model import HuBERTPretrain
-
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank and every run
-    model = HuBERTPretrain(model_cfg, num_classes)
-    model.to(device).train()
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=(cfg.betas[0], cfg.betas[1]),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, cfg.max_steps))
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    use_autocast = device.type == "cuda" and dtype != torch.float32
-    scaler = torch.GradScaler(device.type, enabled=use_autocast and dtype == torch.float16)
-    return model, Optimization(optimizer, scheduler, scaler, dtype if use_autocast else None)
+    def flush(self, data: TrainingData, state: TrainState) -> dict[str, float]:
+        """Means of the window's metrics, its throughput, the epoch; starts a new window."""
+        sums: dict[str, float] = {}
+        for result in self.results:
+            for key, value in result.metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+        logged = {k: v / len(self.results) for k, v in sums.items()}
+        elapsed = time.perf_counter() - self.start
+        logged["audio_seconds_per_second"] = self.audio / elapsed
+        logged["model_flops_per_second"] = self.flops / elapsed
+        if self.peak_flops is not None:
+            logged["mfu"] = logged["model_flops_per_second"] / self.peak_flops
+        logged["epoch"] = float(state.epoch)
+        logged["epoch_audio_used"] = data.audio_used
+        self.reset()
+        return logged
 
 
-@dataclasses.dataclass(frozen=True)
-class StepResult:
-    metrics: dict[str, float]  # train_loss, train_accuracy, train_feature_penalty (per masked frame), lr, grad_norm
-    stop: bool  # a stop was requested on some rank during this step
+def _step_flops(model: torch.nn.Module, micro: "list[Batch]") -> float:
+    from hubert_pipeline.flops import train_step_flops
+
+    cfg, num_classes = cast("HubertConfig", model.config), cast("int", model.num_classes)
+    return sum(train_step_flops(cfg, num_classes, batch=b.waveforms.shape[0], samples=b.waveforms.shape[1],
+                                masked_frames=b.masked_frames) for b in micro)  # fmt: skip
 
 
-def optimization_step(
+def _peak_flops(device: torch.device) -> float | None:
+    from hubert_pipeline.flops import peak_flops
+
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def _log(window: MetricWindow, data: TrainingData, state: TrainState, *, pbar: Any, log_fn: LogFn | None) -> None:
+    """The window's means to the log, the progress bar and `log_fn`, on rank 0; the others (no bar) read nothing."""
+    if pbar.disable:
+        window.reset()
+        return
+    logged = window.flush(data, state)
+    mfu = f", MFU {logged['mfu']:.1%}" if "mfu" in logged else ""
+    logger.info("step %d: loss %.4f, %.1f audio s/s, %.3g model FLOP/s%s", state.step, logged["train_loss"],
+                logged["audio_seconds_per_second"], logged["model_flops_per_second"], mfu)  # fmt: skip
+    pbar.set_postfix(loss=f"{logged['train_loss']:.3f}", acc=f"{logged['train_accuracy']:.3f}")
+    if log_fn is not None:
+        log_fn(logged, state.step)
+
+
+class Interrupted(Exception):  # noqa: N818  a signal, not an error
+    """Raised by `train` when it stopped early on request (SIGUSR2 under SLURM) after saving a checkpoint."""
+
+
+def _interrupt(path: Path | None, step: int) -> None:
+    raise Interrupted(f"stopped at step {step} on request; resume from {path}")
+
+
+def _loop(
     model: torch.nn.Module,
-    micro: "list[Batch]",
+    forward_model: torch.nn.Module,
     opt: Optimization,
+    data: TrainingData,
+    checkpointer: Checkpointer,
+    state: TrainState,
     *,
     cfg: TrainParams,
-    step: int,
-    forward_model: torch.nn.Module | None = None,
-    world_size: int = 1,
-    stop_requested: Callable[[], bool] | None = None,
-) -> StepResult:
-    """One optimizer step over the micro-batches of this process (cfg.feature_penalty and cfg.grad_clip apply).
+    env: DistEnv,
+    log_fn: LogFn | None,
+    stop_requested: Callable[[], bool] | None,
+) -> Path | None:
+    """Steps from `state` to cfg.max_steps: log every log_interval, save every save_interval, stop on request."""
+    from tqdm import tqdm
 
-    The loss is fairseq's hubert criterion over its sample size: (cross-entropy summed over the masked frames
-    + feature_penalty x feature penalty x frames) / masked frames of the whole step, every process and micro-batch.
-    Gradients are unscaled, clipped to cfg.grad_clip, the optimizer and the LR schedule stepped, gradients zeroed.
-    `forward_model`: the model as called (compiled, DDP-wrapped), `model` by default. `step` names the step
-    (0-based) in the error raised on a non-finite loss or gradient norm.
-    """
-    forward_model = model if forward_model is None else forward_model
-    device = micro[0].waveforms.device
-    frames = torch.tensor(float(sum(int(b.mask.sum()) for b in micro)), device=device)
-    if world_size > 1:
-        dist.all_reduce(frames)
-    stats = torch.zeros(4, device=device)  # loss sum, correct, penalty sum (x frames), frames
-    for i, batch in enumerate(micro):
-        sync = i == len(micro) - 1 or world_size == 1
-        ctx = nullcontext() if sync else cast("DistributedDataParallel", forward_model).no_sync()
-        autocast = torch.autocast(device.type, dtype=opt.autocast_dtype, enabled=opt.autocast_dtype is not None)
-        with ctx, autocast:
-            frame_loss, out = forward_model(
-                batch.waveforms,
-                batch.labels,
-                mask=batch.mask,
-                attention_mask=batch.attention_mask,
-                lengths=batch.lengths,
-            )
-            n = frame_loss.numel()
-            total = frame_loss.float().sum() + cfg.feature_penalty * out["feature_penalty"].float() * n
-            loss = total * world_size / frames.clamp(min=1)
-            opt.scaler.scale(loss).backward()
-        stats += torch.stack(
-            [
-                out["logits_loss"].detach().float().sum(),
-                out["correct"].detach().float().sum(),
-                out["feature_penalty"].detach().float() * n,
-                torch.tensor(float(n), device=device),
-            ]
-        )
-    opt.scaler.unscale_(opt.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    stop = stop_requested is not None and stop_requested()
-    stats = torch.cat([stats, torch.tensor([float(stop)], device=device)])
-    if world_size > 1:
-        dist.all_reduce(stats)
-    if not (math.isfinite(float(stats[0])) and math.isfinite(float(grad_norm))):
-        raise NonFiniteLossError(
-            f"non-finite loss ({float(stats[0]):.4g}) or gradient norm ({float(grad_norm):.4g}) at step {step + 1}"
-        )
-    lr = opt.scheduler.get_last_lr()[0]
-    opt.scaler.step(opt.optimizer)
-    opt.scaler.update()
-    opt.optimizer.zero_grad(set_to_none=True)
-    opt.scheduler.step()
-    f = float(stats[3]) or 1.0
-    metrics = {
-        "train_loss": float(stats[0]) / f,
-        "train_accuracy": float(stats[1]) / f,
-        "train_feature_penalty": float(stats[2]) / f,
-        "lr": float(lr),
-        "grad_norm": float(grad_norm),
-    }
-    return StepResult(metrics, stop=float(stats[4]) > 0)
+    device = next(model.parameters()).device
+    is_main, window = env.rank == 0, MetricWindow(_peak_flops(device))
+    with ExitStack() as stack:
+        if dist.is_initialized():
+            stack.callback(dist.destroy_process_group)
+        pbar = stack.enter_context(tqdm(total=cfg.max_steps, initial=state.step, disable=not is_main, desc="train"))
+        while state.step < cfg.max_steps:
+            batches = data.epoch_batches(state)
+            while state.steps_in_epoch < data.steps_per_epoch and state.step < cfg.max_steps:
+                micro = [next(batches).to(device) for _ in range(cfg.accumulate)]
+                torch.manual_seed(hash((cfg.seed, env.rank, state.step)) % 2**62)
+                result = optimization_step(model, micro, opt, cfg=cfg, step=state.step, forward_model=forward_model,
+                                           world_size=env.world_size, stop_requested=stop_requested)  # fmt: skip
+                state.step, state.steps_in_epoch = state.step + 1, state.steps_in_epoch + 1
+                pbar.update()
+                window.add(result, sum(b.audio_seconds for b in micro) * env.world_size, _step_flops(model, micro))
+                if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+                    _log(window, data, state, pbar=pbar, log_fn=log_fn)
+                if state.step % cfg.save_interval == 0 or state.step == cfg.max_steps:
+                    checkpointer.save(model, opt, state)
+                if result.stop and state.step < cfg.max_steps:
+                    _interrupt(checkpointer.save_final(model, opt, state), state.step)
+    return checkpointer.last_path
 
 
-def train(  # noqa: C901, PLR0912, PLR0915
+def _initialise_weights(model: torch.nn.Module, init_from: str) -> None:
+    """Iteration 2: the encoder's weights from a trained model; the pretraining head stays random."""
+    from hubert_pipeline.model import HuBERT
+
+    encoder = HuBERT.from_pretrained(init_from)
+    missing, _ = model.load_state_dict(encoder.state_dict(), strict=False)
+    logger.info("initialised from %s (%d head parameters left random)", init_from, len(missing))
+
+
+def train(
     manifest: str | Path,
     out_dir: str | Path,
     *,
@@ -246,190 +299,40 @@ def train(  # noqa: C901, PLR0912, PLR0915
     """Train until cfg.max_steps (resuming from the last checkpoint in out_dir); return the last checkpoint.
 
     `stop_requested` (SLURM preemption or time-out, see hubert_pipeline.launch) is polled at every step; when it
-    turns true on any rank, every rank stops after that step, a checkpoint is saved and `launch.Interrupted` raised.
+    turns true on any rank, every rank stops after that step, a checkpoint is saved and `Interrupted` raised.
     """
-    from spidr.config import MaskingConfig
-    from torch.nn.parallel import DistributedDataParallel
-    from tqdm import tqdm
-
-    from hubert_pipeline.data import build_loader, read_labeled_manifest
+    from hubert_pipeline.data import read_labeled_manifest
     from hubert_pipeline.model import HubertConfig
 
-    out_dir = Path(out_dir)
     rows = read_labeled_manifest(manifest)  # before any heavy work: a bad manifest fails at once
     if (top := max(max(r["units"], default=0) for r in rows)) >= num_classes:
         raise ValueError(f"{manifest}: unit {top} is out of range for {num_classes} classes")
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    env = init_distributed(device_type)
+    env = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
     device = select_device(env.local_rank)
-    is_main = env.rank == 0
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        for stale in out_dir.glob(".step_*.tmp"):  # a checkpoint being written when the last run was killed
-            stale.unlink()
-
     model_cfg = HubertConfig.preset(model_size, **(model_overrides or {}))
-    model, opt = build_training(cfg, model_cfg, num_classes, device)
-    optimizer, scheduler, scaler = opt.optimizer, opt.scheduler, opt.scaler
-
-    step, epoch, steps_in_epoch = 0, 0, 0
-    run_fingerprint = fingerprint(manifest, num_classes, model_cfg, cfg)
-    checkpoints = list_checkpoints(out_dir)
-    if checkpoints:
-        saved = torch.load(checkpoints[-1][1], map_location="cpu", weights_only=True, mmap=True).get("fingerprint")
-        if saved != run_fingerprint:
-            # Another experiment's checkpoints (other units, k, model or settings), kept by DVC's `persist`:
-            # they are in DVC's cache already, so they are removed rather than resumed from.
-            logger.warning(
-                "%s holds checkpoints of another configuration (fingerprint %s, this run %s): starting afresh",
-                out_dir, saved, run_fingerprint,
-            )  # fmt: skip
-            if is_main:
-                for _, path in checkpoints:
-                    path.unlink()
-            if env.world_size > 1:
-                dist.barrier()
-            checkpoints = []
-    if checkpoints:
-        last_step, last = checkpoints[-1]
-        state = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, steps_in_epoch = int(state["step"]), int(state["epoch"]), int(state["steps_in_epoch"])
-        if state["world_size"] * state["accumulate"] != env.world_size * cfg.accumulate:
-            raise ValueError(
-                f"{last}: saved with {state['world_size']} process(es) x {state['accumulate']} micro-batches per step; "
-                f"resuming with {env.world_size} x {cfg.accumulate} would change the batches of every step"
-            )
-        logger.info("resuming from %s (step %d, epoch %d)", last, last_step, epoch)
-        del state
-    elif cfg.init_from:
-        from hubert_pipeline.model import HuBERT
-
-        encoder = HuBERT.from_pretrained(cfg.init_from)
-        missing, _ = model.load_state_dict(encoder.state_dict(), strict=False)
-        logger.info("initialised from %s (%d head parameters left random)", cfg.init_from, len(missing))
-    if step >= cfg.max_steps:
-        logger.info("already trained to step %d", step)
-        return checkpoints[-1][1]
-
-    masking = MaskingConfig(mask_prob=cfg.mask_prob, mask_length=cfg.mask_length)
-    loader, sampler, collator = build_loader(
-        rows,
-        masking=masking,
-        max_batch_samples=cfg.max_batch_samples,
-        min_sample_size=cfg.min_sample_size,
-        max_sample_size=cfg.max_sample_size,
-        num_buckets=cfg.num_buckets,
-        seed=cfg.seed,
-        shuffle=True,
-        normalize=cfg.normalize,
-        pad_audio=cfg.pad_audio,
-        num_workers=cfg.num_workers,
+    checkpointer = Checkpointer(
+        out_dir,
+        fingerprint=fingerprint(manifest, num_classes, model_cfg, cfg),
         rank=env.rank,
         world_size=env.world_size,
-        accumulate=cfg.accumulate,
+        meta={"accumulate": cfg.accumulate, "num_classes": num_classes, "model_config": model_cfg.to_dict()},
     )
-    sampler.set_epoch(epoch)  # bucketing gives each epoch its own number of batches
-    steps_per_epoch = sampler.batches_per_epoch // cfg.accumulate
-    if steps_per_epoch == 0:
-        raise ValueError(f"{manifest}: too little data for one step of {env.world_size} x {cfg.accumulate} batches")
-
-    forward_model: torch.nn.Module = model
-    if cfg.compile and device.type == "cuda":
-        forward_model = cast("torch.nn.Module", torch.compile(model, dynamic=True))
-    if env.world_size > 1:
-        forward_model = DistributedDataParallel(
-            forward_model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
-            find_unused_parameters=model_cfg.encoder_layer_drop > 0,
-        )
-
-    def save() -> Path:
-        path = checkpoint_path(out_dir, step)
-        if is_main:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "step": step,
-                "epoch": epoch,
-                "steps_in_epoch": steps_in_epoch,
-                "world_size": env.world_size,
-                "accumulate": cfg.accumulate,
-                "num_classes": num_classes,
-                "model_config": model_cfg.to_dict(),
-                "fingerprint": run_fingerprint,
-            }
-            _atomic_save(state, path)
-            logger.info("saved %s", path)
-        if env.world_size > 1:
-            dist.barrier()
-        return path
-
-    last_path = checkpoint_path(out_dir, step)
-    lengths = [int(r["num_samples"]) for r in rows]
-    meters: dict[str, float] = {}
-    window_start, window_audio = time.perf_counter(), 0.0
-    with ExitStack() as stack:
-        if env.world_size > 1:
-            stack.callback(dist.destroy_process_group)
-        pbar = stack.enter_context(tqdm(total=cfg.max_steps, initial=step, disable=not is_main, desc="train"))
-        while step < cfg.max_steps:
-            if steps_in_epoch >= steps_per_epoch:
-                epoch, steps_in_epoch = epoch + 1, 0
-            sampler.set_epoch(epoch, skip=steps_in_epoch * cfg.accumulate)
-            steps_per_epoch = sampler.batches_per_epoch // cfg.accumulate
-            collator.epoch = epoch
-            audio_used = sampler.audio_used(lengths, max_sample_size=cfg.max_sample_size, pad_audio=cfg.pad_audio)
-            batches = iter(loader)
-            while steps_in_epoch < steps_per_epoch and step < cfg.max_steps:
-                micro = [next(batches).to(device) for _ in range(cfg.accumulate)]
-                torch.manual_seed(hash((cfg.seed, env.rank, step)) % 2**62)
-                result = optimization_step(
-                    model,
-                    micro,
-                    opt,
-                    cfg=cfg,
-                    step=step,
-                    forward_model=forward_model,
-                    world_size=env.world_size,
-                    stop_requested=stop_requested,
-                )
-                step += 1
-                steps_in_epoch += 1
-                pbar.update()
-                audio = sum(b.audio_seconds for b in micro) * env.world_size
-                window_audio += audio
-                for key, value in result.metrics.items():
-                    meters[key] = meters.get(key, 0.0) + value
-                meters["_n"] = meters.get("_n", 0.0) + 1
-                if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                    elapsed = time.perf_counter() - window_start
-                    n = meters.pop("_n")
-                    logged = {k: v / n for k, v in meters.items()} | {
-                        "audio_seconds_per_second": window_audio / elapsed
-                    }
-                    logged["epoch"] = float(epoch)
-                    logged["epoch_audio_used"] = audio_used  # fraction of the training audio this epoch trains on
-                    if is_main:
-                        pbar.set_postfix(loss=f"{logged['train_loss']:.3f}", acc=f"{logged['train_accuracy']:.3f}")
-                        if log_fn is not None:
-                            log_fn(logged, step)
-                    meters, window_start, window_audio = {}, time.perf_counter(), 0.0
-                if step % cfg.save_interval == 0 or step == cfg.max_steps:
-                    last_path = save()
-                if result.stop and step < cfg.max_steps:
-                    if last_path != checkpoint_path(out_dir, step):
-                        last_path = save()
-                    from hubert_pipeline.launch import Interrupted
-
-                    raise Interrupted(f"stopped at step {step} on request; resume from {last_path}")
-    return last_path
+    checkpointer.init_state()
+    model, opt = build_training(cfg, model_cfg, num_classes, device)
+    state = checkpointer.load_existing_run(model, opt, device, accumulate=cfg.accumulate)
+    if state is None:
+        state = TrainState()
+        if cfg.init_from:
+            _initialise_weights(model, cfg.init_from)
+    if state.step >= cfg.max_steps:
+        logger.info("already trained to step %d", state.step)
+        return cast("Path", checkpointer.last_path)
+    data = TrainingData.build(rows, cfg, env, epoch=state.epoch, manifest=manifest)
+    forward_model = build_forward_model(model, compile_model=cfg.compile, world_size=env.world_size,
+                                        find_unused_parameters=model_cfg.encoder_layer_drop > 0)  # fmt: skip
+    last = _loop(model, forward_model, opt, data, checkpointer, state, cfg=cfg, env=env, log_fn=log_fn,
+                 stop_requested=stop_requested)  # fmt: skip
+    return cast("Path", last)
 
 
 def train_process(
@@ -446,10 +349,9 @@ def train_process(
     train(**kwargs, log_fn=log_fn, stop_requested=stop_requested)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The CLI; under SLURM, SIGUSR2 (sent before the time limit) checkpoints, requeues the job and exits."""
     import argparse
-
-    from hubert_pipeline.cli import setup_logging
 
     parser = argparse.ArgumentParser(
         description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -460,32 +362,24 @@ if __name__ == "__main__":
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--iteration", type=int, choices=(1, 2), default=1, help="which train_itN section to use")
     args = parser.parse_args()
-    setup_logging()
+    from hubert_pipeline.cli import setup_logging
     from hubert_pipeline.params import load_params
 
+    setup_logging()
     p = load_params(args.params)
-    requested = False
+    requested: list[bool] = []
     if os.environ.get("SLURM_JOB_ID"):  # slurm/pretrain.sbatch: --signal=USR2@T before the time limit, --requeue
         import signal
 
-        def _on_signal(signum: int, _frame: Any) -> None:
-            global requested  # noqa: PLW0603
+        def on_signal(signum: int, _frame: Any) -> None:
             logger.warning("received %s: checkpointing at the end of this step", signal.Signals(signum).name)
-            requested = True
+            requested.append(True)
 
-        signal.signal(signal.SIGUSR2, _on_signal)
-    from hubert_pipeline.launch import Interrupted
-
+        signal.signal(signal.SIGUSR2, on_signal)
     try:
-        train(
-            args.manifest,
-            args.out_dir,
-            cfg=p.train_it1 if args.iteration == 1 else p.train_it2,
-            model_size=p.model.size,
-            model_overrides=p.model.overrides,
-            num_classes=args.num_classes,
-            stop_requested=lambda: requested,
-        )
+        train(args.manifest, args.out_dir, cfg=p.train_it1 if args.iteration == 1 else p.train_it2,
+              model_size=p.model.size, model_overrides=p.model.overrides, num_classes=args.num_classes,
+              stop_requested=lambda: bool(requested))  # fmt: skip
     except Interrupted as e:
         logger.warning("%s", e)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -494,3 +388,7 @@ if __name__ == "__main__":
             subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True)
             logger.warning("requeued SLURM job %s: it resumes from the last checkpoint", os.environ["SLURM_JOB_ID"])
         raise SystemExit(0) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -23,13 +23,14 @@ import polars as pl
 from hubert_pipeline.io import atomic_open, write_json
 from hubert_pipeline.launch import map_tasks
 from hubert_pipeline.manifest import read_manifest
+from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import FeatureStore
 
 logger = logging.getLogger(__name__)
 
 MODEL_FRAME_RATE = 50.0  # HuBERT's conv feature extractor: 20 ms stride
-CONV_LAYERS = ((512, 10, 5), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 3, 2), (512, 2, 2), (512, 2, 2))
+CONV_LAYERS = FAIRSEQ_CONV_LAYERS  # the strides and kernels of every preset: 50 Hz frames
 
 
 class LengthMismatchError(ValueError):
