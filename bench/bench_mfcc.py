@@ -38,8 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from hubert_pipeline.audio import build_manifest, load_audio, read_manifest, source_of, write_csv
+from hubert_pipeline.audio import load_audio, source_of
 from hubert_pipeline.features import extract_mfcc, mfcc_batch
+from hubert_pipeline.manifest import build_manifest, read_manifest, write_csv
 from hubert_pipeline.params import ExecutionParams, MfccParams
 from hubert_pipeline.store import FeatureStore
 

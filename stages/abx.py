@@ -34,7 +34,8 @@ if __name__ == "__main__":
         scores = run_job(
             abx_per_layer,
             {"model": args.model, "items": args.items, "audio_root": args.audio, "normalize": train_cfg.normalize,
-             "device": params.execution.device},
+             "device": params.execution.device, "extensions": params.manifest.extensions,
+             "resample": params.manifest.resample, "downmix": params.manifest.downmix},
             execution=params.execution, desc=f"abx_it{args.iteration}", gpu=True,
         )  # fmt: skip
         layer = choose_layer(scores, params.abx.rule)

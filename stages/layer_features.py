@@ -19,10 +19,12 @@ if __name__ == "__main__":
     import mlflow
 
     from hubert_pipeline.layer_features import extract_layer_features
+    from hubert_pipeline.manifest import read_checked_manifest
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import stage_run
 
     params = load_params(args.params)
+    read_checked_manifest(args.manifest)  # files moved or changed since the manifest stage: an error now, not later
     it2 = params.iteration2
     layer = it2.layer or int(json.loads(Path(args.layer_file).read_text())["layer"])
     with stage_run("features_it2", mlflow_params=params.mlflow, params={"iteration2": it2}, iteration=2):

@@ -1,4 +1,8 @@
-"""Stage manifest: probe every audio file of the train and valid corpora, write spidr manifests (CSV)."""
+"""Stage manifest: probe every audio file of the train and valid corpora, write spidr manifests (CSV).
+
+Cheap checks come first (the corpora exist, hold files of manifest.extension, do not overlap), then every file is
+probed; a bad file fails the stage (or is skipped, listed with its reason in skipped.csv) before anything is written.
+"""
 
 from pathlib import Path
 
@@ -17,25 +21,29 @@ if __name__ == "__main__":
     import mlflow
     import polars as pl
 
-    from hubert_pipeline.audio import build_manifest, write_csv
+    from hubert_pipeline.manifest import build_manifest, check_splits_apart, discover_all, write_csv
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import stage_run
 
     params = load_params(args.params)
     out = Path(args.output)
+    roots = {"train": args.train, "valid": args.valid}
+    found = {split: discover_all(root, params.manifest.extensions) for split, root in roots.items()}
+    check_splits_apart(roots, found)
     # Probe both splits before writing anything: a bad file fails the stage with nothing half-written.
     results = {
         split: build_manifest(
-            root,
-            extension=params.manifest.extension,
+            roots[split],
+            extension=params.manifest.extensions,
             on_bad_file=params.manifest.on_bad_file,
+            verify=params.manifest.verify,
+            resample=params.manifest.resample,
+            downmix=params.manifest.downmix,
             workers=params.execution.workers,
+            items=items,
         )
-        for split, root in (("train", args.train), ("valid", args.valid))
+        for split, items in found.items()
     }
-    if overlap := set(results["train"][0]["fileid"]) & set(results["valid"][0]["fileid"]):
-        msg = f"{len(overlap)} file id(s) are in both train and valid, e.g. {sorted(overlap)[:5]}"
-        raise SystemExit(msg)
     with stage_run("manifest", mlflow_params=params.mlflow, params={"manifest": params.manifest, "data": params.data}):
         for split, (manifest, _) in results.items():
             write_csv(manifest, out / f"{split}.csv")

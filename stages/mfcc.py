@@ -16,16 +16,17 @@ if __name__ == "__main__":
 
     import mlflow
 
-    from hubert_pipeline.audio import read_manifest
     from hubert_pipeline.features import extract_mfcc
+    from hubert_pipeline.manifest import read_checked_manifest
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import stage_run
 
     params = load_params(args.params)
+    manifests = {split: Path(args.manifests) / f"{split}.csv" for split in ("train", "valid")}
+    audio = {split: read_checked_manifest(path)["num_samples"].sum() for split, path in manifests.items()}
     with stage_run("mfcc", mlflow_params=params.mlflow, params={"mfcc": params.mfcc, "execution": params.execution}):
-        for split in ("train", "valid"):
-            manifest = Path(args.manifests) / f"{split}.csv"
-            audio_seconds = int(read_manifest(manifest)["num_samples"].sum()) / 16_000
+        for split, manifest in manifests.items():
+            audio_seconds = int(audio[split]) / 16_000
             start = time.perf_counter()
             meta = extract_mfcc(manifest, Path(args.output) / split, params=params.mfcc, execution=params.execution)
             seconds = time.perf_counter() - start

@@ -5,6 +5,7 @@ With train_itN.processes > 1, that many local processes train with DDP (gloo on 
 """
 
 import logging
+import tempfile
 from pathlib import Path
 
 import _checkout  # noqa: F401  first: the library of this checkout, not the editable install's
@@ -24,6 +25,7 @@ if __name__ == "__main__":
 
     from hubert_pipeline.kmeans import load_centroids
     from hubert_pipeline.launch import run_distributed, training_processes
+    from hubert_pipeline.manifest import read_checked_manifest, short_files, write_csv
     from hubert_pipeline.params import load_params
     from hubert_pipeline.presets import batch_shortfall
     from hubert_pipeline.tracking import stage_run, tracking_uri
@@ -31,6 +33,7 @@ if __name__ == "__main__":
 
     params = load_params(args.params)
     cfg = params.train_it1 if args.iteration == 1 else params.train_it2
+    short = short_files(read_checked_manifest(Path(args.units) / "train.jsonl"), cfg.min_sample_size)
     num_classes = load_centroids(args.centroids).shape[0]
     resumed = list_checkpoints(args.output)
     kwargs = {
@@ -49,6 +52,15 @@ if __name__ == "__main__":
     ) as run:
         if resumed:
             mlflow.set_tag("resumed_from_step", str(resumed[-1][0]))
+        mlflow.log_metric("short_files", short.height)  # listed in the run's artifact short_files.csv
+        if short.height:
+            logging.getLogger("pretrain").warning(
+                "%d training file(s) are shorter than min_sample_size (%d samples) and never train: "
+                "listed in the MLflow run's short_files.csv", short.height, cfg.min_sample_size,
+            )  # fmt: skip
+            with tempfile.TemporaryDirectory() as tmp:
+                write_csv(short, Path(tmp) / "short_files.csv")
+                mlflow.log_artifact(str(Path(tmp) / "short_files.csv"))
         world = training_processes(params.execution, cfg.processes)
         seconds = world * cfg.accumulate * cfg.max_batch_samples / 16_000  # at most: batches are filled by length
         mlflow.log_metric("audio_seconds_per_update_max", seconds)

@@ -38,6 +38,11 @@ if __name__ == "__main__":
 
     params = load_params(args.params)
     stage = f"units_it{args.iteration}"
+    if args.iteration == 2:  # noqa: PLR2004  reads audio: files moved or changed since probing are an error now
+        from hubert_pipeline.manifest import read_checked_manifest
+
+        for split in ("train", "valid"):
+            read_checked_manifest(Path(args.manifests) / f"{split}.csv")
     metrics: dict[str, dict] = {}
     with stage_run(stage, mlflow_params=params.mlflow, params={"units": params.units}, iteration=args.iteration):
         for split in ("train", "valid"):

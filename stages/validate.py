@@ -28,6 +28,7 @@ if __name__ == "__main__":
     from hubert_pipeline.compat import save_native
     from hubert_pipeline.io import atomic_path, write_json
     from hubert_pipeline.launch import run_job
+    from hubert_pipeline.manifest import read_checked_manifest
     from hubert_pipeline.model import HuBERT, HubertConfig
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import register_model, stage_run
@@ -36,6 +37,7 @@ if __name__ == "__main__":
 
     params = load_params(args.params)
     train_cfg = params.train_it1 if args.iteration == 1 else params.train_it2
+    read_checked_manifest(args.valid)  # files moved or changed since the manifest stage: an error now, not later
     checkpoints = list_checkpoints(args.checkpoints)
     if not checkpoints:
         raise SystemExit(f"{args.checkpoints}: no checkpoint (step_*.pt) to validate")

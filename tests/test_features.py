@@ -9,9 +9,10 @@ import polars as pl
 import pytest
 import torch
 
-from hubert_pipeline.audio import build_manifest, load_audio, load_samples, read_manifest, source_of, write_csv
+from hubert_pipeline.audio import load_audio, load_samples, source_of
 from hubert_pipeline.features import DIM, extract_mfcc, mfcc, mfcc_batch, num_frames
 from hubert_pipeline.launch import TaskError
+from hubert_pipeline.manifest import build_manifest, read_manifest, write_csv
 from hubert_pipeline.mfcc_torch import mfcc_tensors
 from hubert_pipeline.params import ExecutionParams, MfccParams
 from hubert_pipeline.store import FeatureStore, shard_index_path, shard_path

@@ -61,3 +61,13 @@ def test_ints_are_accepted_for_floats_and_lists_become_tuples(tmp_path):
 def test_missing_params_file_is_named(tmp_path):
     with pytest.raises(ParamsError, match=r"nope\.yaml"):
         load_params(tmp_path / "nope.yaml")
+
+
+def test_manifest_extension_is_one_extension_or_a_list_of_known_ones(tmp_path):
+    assert load_params(write(tmp_path, {"manifest": {"extension": ".flac"}})).manifest.extensions == (".flac",)
+    both = load_params(write(tmp_path, {"manifest": {"extension": [".flac", ".wav"]}})).manifest
+    assert both.extensions == (".flac", ".wav")
+    with pytest.raises(ParamsError, match=r"manifest.extension '\.txt' is not an audio extension \(\.wav, \.flac"):
+        load_params(write(tmp_path, {"manifest": {"extension": [".wav", ".txt"]}}))
+    with pytest.raises(ParamsError, match=r"manifest\.verify: 'all' is not one of \['header', 'full'\]"):
+        load_params(write(tmp_path, {"manifest": {"verify": "all"}}))

@@ -102,6 +102,12 @@ def test_mlflow_holds_one_tagged_run_per_stage_with_its_metrics(project):
     assert 0 < by_stage["units_it1"].data.metrics["valid_pnmi"] < 1
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(by_stage["kmeans_it1"].info.run_id)}
     assert {"centroids.safetensors", "metrics.json"} <= artifacts
+    lengths = pl.read_ndjson(project / "outputs" / "units" / "it1" / "train.jsonl")["num_samples"]
+    short = int((lengths < yaml.safe_load((project / "params.yaml").read_text())["train_it1"]["min_sample_size"]).sum())
+    pretrain = by_stage["pretrain_it1"]
+    assert pretrain.data.metrics["short_files"] == short  # files that never train: counted, and listed
+    listed = {a.path for a in mlflow.MlflowClient().list_artifacts(pretrain.info.run_id)}
+    assert ("short_files.csv" in listed) == (short > 0)
 
 
 @pytest.mark.slow

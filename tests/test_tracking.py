@@ -140,3 +140,105 @@ def test_parallel_experiments_can_create_a_new_sqlite_store_together(tmp_path):
              for _ in range(3)]  # fmt: skip
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(e[-2000:] for e in errors)
+
+
+# --- the store every entry point reads: MLFLOW_TRACKING_URI, params, the checkout's sqlite store, else an error ---
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch):
+    """A checkout of the pipeline (git work tree with dvc.yaml and params.yaml), with no store yet, and a process
+    with no tracking URI set."""
+    from mlflow.tracking._tracking_service import utils
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text("mlflow:\n  experiment: t\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+    return root
+
+
+def register_tiny_model(checkout, tmp_path, monkeypatch) -> None:
+    """What validate_it1 does: a run in the checkout's default store with the model registered as @it1."""
+    from mlflow.tracking._tracking_service import utils
+
+    from hubert_pipeline.compat import save_native
+    from hubert_pipeline.model import HuBERT, HubertConfig
+    from hubert_pipeline.tracking import register_model
+
+    monkeypatch.chdir(checkout)
+    with stage_run("validate_it1", mlflow_params=MlflowParams(experiment="t")) as run:
+        save_native(HuBERT(HubertConfig.preset("tiny")), tmp_path / "best")
+        mlflow.log_artifacts(str(tmp_path / "best"), artifact_path="model")
+        register_model(run.info.run_id, "model", "hubert-pipeline", "it1", {})
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # stage_run set both: a fresh process has neither
+    monkeypatch.setattr(utils, "_tracking_uri", None)
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT")}
+
+
+def compat_cli(cwd, env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "hubert_pipeline.convert", "models:/hubert-pipeline@it1", "my_teacher"]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+def test_readme_compat_command_works_from_the_checkout_and_leaves_no_stray_database(checkout, tmp_path, monkeypatch):
+    register_tiny_model(checkout, tmp_path, monkeypatch)
+    result = compat_cli(checkout, clean_env())
+    assert result.returncode == 0, result.stderr
+    assert (checkout / "my_teacher" / "model.safetensors").is_file()
+    (checkout / "sub").mkdir()
+    assert compat_cli(checkout / "sub", clean_env()).returncode == 0  # from a subfolder of the checkout too
+    assert not (checkout / "mlflow.db").exists()
+    assert not (checkout / "sub" / "mlflow.db").exists()
+
+
+def test_outside_a_checkout_the_cli_names_mlflow_tracking_uri_and_creates_nothing(checkout, tmp_path, monkeypatch):
+    register_tiny_model(checkout, tmp_path, monkeypatch)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    result = compat_cli(outside, clean_env())
+    assert result.returncode != 0
+    assert "not inside a checkout of the pipeline" in result.stderr
+    assert "set MLFLOW_TRACKING_URI" in result.stderr
+    assert list(outside.iterdir()) == []
+    env = clean_env() | {"MLFLOW_TRACKING_URI": f"sqlite:///{checkout}/mlruns/mlflow.db"}
+    result = compat_cli(outside, env)
+    assert result.returncode == 0, result.stderr
+    assert (outside / "my_teacher" / "config.json").is_file()
+
+
+def test_from_pretrained_reads_the_checkouts_registry(checkout, tmp_path, monkeypatch):
+    from hubert_pipeline.model import HuBERT
+
+    register_tiny_model(checkout, tmp_path, monkeypatch)
+    model = HuBERT.from_pretrained("models:/hubert-pipeline@it1")
+    assert model.config.encoder_num_layers > 0
+    assert not (checkout / "mlflow.db").exists()
+
+
+def test_reading_uri_order_and_errors(checkout, tmp_path, monkeypatch):
+    from hubert_pipeline.tracking import TrackingStoreError, reading_uri
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrackingStoreError, match="set MLFLOW_TRACKING_URI"):
+        reading_uri()
+    monkeypatch.chdir(checkout)
+    with pytest.raises(TrackingStoreError, match=rf"no MLflow store at {checkout}/mlruns/mlflow\.db: run the pipeline"):
+        reading_uri()
+    assert not (checkout / "mlruns").exists()  # nothing created
+    (checkout / "params.yaml").write_text("mlflow:\n  tracking_uri: http://127.0.0.1:1\n")
+    assert reading_uri() == "http://127.0.0.1:1"
+    assert reading_uri(MlflowParams(tracking_uri="sqlite:////x.db")) == "sqlite:////x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////y.db")
+    assert reading_uri() == "sqlite:////y.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("DVC_ROOT", str(checkout))  # inside a DVC stage: its root, wherever the process runs
+    monkeypatch.chdir(tmp_path)
+    assert reading_uri() == "http://127.0.0.1:1"

@@ -69,9 +69,9 @@ def test_length_mismatch_beyond_tolerance_names_the_file_and_writes_nothing(tmp_
 
 def test_files_without_units_or_units_without_files_are_errors(tmp_path):
     m = manifest([16000])
-    with pytest.raises(ValueError, match="have no units"):
+    with pytest.raises(ValueError, match=r"1 file\(s\) of the manifest are missing from the units for .*o\.jsonl"):
         merge_units(m, {}, tmp_path / "o.jsonl", step=1, tolerance=0)
-    with pytest.raises(ValueError, match="not in the manifest"):
+    with pytest.raises(ValueError, match=r"1 file\(s\) of the units for .*o\.jsonl are not in the manifest"):
         merge_units(m, {"f0": [0] * 49, "zz": [1]}, tmp_path / "o.jsonl", step=1, tolerance=0)
 
 
@@ -79,3 +79,24 @@ def test_units_are_keyed_by_the_one_file_id_function(tmp_path):
     from hubert_pipeline.audio import file_id
 
     assert np.array_equal(np.array([file_id("/a/b/f0.wav")]), np.array(["f0"]))
+
+
+def test_a_store_missing_a_manifests_file_is_named_before_any_transcription(tmp_path):
+    from conftest import tone, write_wav
+
+    from hubert_pipeline.features import extract_mfcc
+    from hubert_pipeline.manifest import build_manifest, write_csv
+    from hubert_pipeline.params import ExecutionParams, MfccParams
+    from hubert_pipeline.units import units_for_split
+
+    for name in ("a", "b"):
+        write_wav(tmp_path / "wav" / f"{name}.wav", tone(0.5))
+    write_csv(build_manifest(tmp_path / "wav")[0], tmp_path / "old.csv")
+    extract_mfcc(tmp_path / "old.csv", tmp_path / "store", params=MfccParams(num_shards=1), execution=ExecutionParams())
+    write_wav(tmp_path / "wav" / "c.wav", tone(0.5))
+    write_csv(build_manifest(tmp_path / "wav")[0], tmp_path / "new.csv")
+    with pytest.raises(
+        ValueError, match=r"1 file\(s\) of manifest .*new\.csv are missing from store .*store, e\.g\. \['c'\]"
+    ):
+        units_for_split(tmp_path / "new.csv", tmp_path / "store", tmp_path / "no-centroids.safetensors",
+                        tmp_path / "units.jsonl", tolerance=2, execution=ExecutionParams())  # fmt: skip

@@ -19,7 +19,7 @@ fastabx dataset (a copy of the item frames) is built.
 import argparse
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -83,14 +83,19 @@ def check_frames(labels: "pl.DataFrame", frequency: int, items: str | Path) -> N
         raise ValueError(f"{items}: {len(empty)} item(s) shorter than one frame at {frequency} Hz, e.g. {first}")
 
 
-def find_audio(fileids: list[str], audio_root: str | Path, extension: str = ".wav") -> dict[str, Path]:
-    """`<fileid><extension>` of every file id, searched recursively under `audio_root`; errors name what is missing."""
+def find_audio(fileids: list[str], audio_root: str | Path, extension: str | Sequence[str] = ".wav") -> dict[str, Path]:
+    """`<fileid><extension>` of every file id, searched recursively under `audio_root`; errors name what is missing.
+    `extension` may be a list (`manifest.extension`)."""
+    from hubert_pipeline.audio import file_id
+
     root = Path(audio_root)
     if not root.is_dir():
         raise FileNotFoundError(f"audio folder {root} does not exist")
+    extensions = tuple(e.lower() for e in ((extension,) if isinstance(extension, str) else extension))
+    extension = "/".join(extensions)
     wanted, found = set(fileids), {}
-    for path in sorted(root.rglob(f"*{extension}")):
-        fileid = path.name.removesuffix(extension)
+    for path in sorted(p for p in root.rglob("*") if p.name.lower().endswith(extensions)):
+        fileid = file_id(path)
         if fileid in wanted:
             if fileid in found:
                 raise ValueError(f"file id {fileid} has two audio files: {found[fileid]} and {path}")
@@ -119,6 +124,8 @@ def extract_features(
     normalize: bool = False,
     device: str = "auto",
     max_layers: int | None = None,
+    resample: bool = False,
+    downmix: bool = False,
 ) -> dict[str, dict[str, "torch.Tensor"]]:
     """{"mfcc" | "layer_k": {fileid: (frames, dim) float32 CPU tensor}}: MFCC (100 Hz) and every layer's output (50 Hz).
 
@@ -142,7 +149,7 @@ def extract_features(
     try:
         with torch.inference_mode():
             for fileid, path in tqdm(paths.items(), desc="ABX features", unit="file"):
-                waveform = load_audio(AudioSource(str(path)))  # (T,)
+                waveform = load_audio(AudioSource(str(path), resample=resample, downmix=downmix))  # (T,)
                 features["mfcc"][fileid] = mfcc(waveform).cpu()  # (frames, 39)
                 if model is None:
                     continue
@@ -232,19 +239,23 @@ def abx_per_layer(
     normalize: bool = False,
     device: str = "auto",
     max_layers: int | None = None,
+    extensions: Sequence[str] = (".wav",),
+    resample: bool = False,
+    downmix: bool = False,
 ) -> Scores:
     """ABX error (%) within and across speakers of the MFCC baseline and of every layer's output of `model`.
 
     Keys "mfcc", then "layer_1" ... "layer_N" (N = `max_layers` or all; none when `model` is None); values
     {"within": %, "across": %}. With fewer than 2 speakers in the items, "across" is NaN (a warning says so).
-    `model` may be a path or models:/ URI (loaded after the items are checked).
+    `model` may be a path or models:/ URI (loaded after the items are checked). Audio files have one of
+    `extensions`; `resample` / `downmix` read files that are not 16 kHz mono as the other stages do (manifest.*).
     """
     from tqdm import tqdm
 
     labels = read_items(items)
     for frequency in (MFCC_FREQUENCY, *([MODEL_FREQUENCY] if model is not None else [])):
         check_frames(labels, frequency, items)
-    paths = find_audio(sorted(labels["#file"].unique().to_list()), audio_root)
+    paths = find_audio(sorted(labels["#file"].unique().to_list()), audio_root, extensions)
     speakers = labels["speaker"].n_unique()
     if speakers < 2:  # noqa: PLR2004
         logger.warning("%s has %d speaker: across-speaker ABX is not defined, reported as NaN", items, speakers)
@@ -254,7 +265,8 @@ def abx_per_layer(
         from hubert_pipeline.model import HuBERT
 
         model = HuBERT.from_pretrained(model)
-    features = extract_features(model, paths, normalize=normalize, device=device, max_layers=max_layers)
+    features = extract_features(model, paths, normalize=normalize, device=device, max_layers=max_layers,
+                                resample=resample, downmix=downmix)  # fmt: skip
     scores: Scores = {}
     for name in tqdm(list(features), desc="ABX scoring", unit="layer"):
         frequency = MFCC_FREQUENCY if name == "mfcc" else MODEL_FREQUENCY
@@ -326,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("items", help="item file: #file onset offset #phone prev-phone next-phone speaker")
-    parser.add_argument("audio_root", help="folder with <fileid>.wav of every item file id (searched recursively)")
+    parser.add_argument(
+        "audio_root", help="folder with <fileid>.<extension> of every item file id (searched recursively)"
+    )
     parser.add_argument("--checkpoint", help="model folder, file or models:/ URI; without it, only the MFCC baseline")
     parser.add_argument("--output", required=True, help="JSON of {mfcc|layer_k: {within, across}} errors in %%")
     parser.add_argument("--plot", help="also write this PNG of the errors per layer")
@@ -334,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--max-layers", type=int, help="score layers 1 .. this one only (default: all)")
     parser.add_argument("--rule", default="lowest_within", choices=["lowest_within", "lowest_across", "lowest_mean"])
+    parser.add_argument("--extension", nargs="+", default=[".wav"], help="audio file extensions")
+    parser.add_argument("--resample", action="store_true", help="read files of other rates at 16 kHz (FFmpeg)")
+    parser.add_argument("--downmix", action="store_true", help="read files of several channels as mono (FFmpeg)")
     args = parser.parse_args(argv)
 
     from hubert_pipeline.cli import setup_logging
@@ -343,8 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     model = HuBERT.from_pretrained(args.checkpoint) if args.checkpoint else None
     scores = abx_per_layer(
-        model, args.items, args.audio_root, normalize=args.normalize, device=args.device, max_layers=args.max_layers
-    )
+        model, args.items, args.audio_root, normalize=args.normalize, device=args.device, max_layers=args.max_layers,
+        extensions=args.extension, resample=args.resample, downmix=args.downmix,
+    )  # fmt: skip
     # NaN (across with one speaker) is not JSON: written as null
     write_json(args.output, {k: {c: e if math.isfinite(e) else None for c, e in v.items()} for k, v in scores.items()})
     if args.plot:

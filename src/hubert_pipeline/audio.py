@@ -1,39 +1,54 @@
-"""Audio files and manifests: the one file-id function, probing, manifest writing and audio loading.
+"""Audio files: the one file-id function, the one decoding path, and probing for the manifest stage.
 
-A manifest is spidr's CSV format: `fileid,path,num_samples` for files in a folder, plus
-`archive,byte_offset,byte_size` for files inside an uncompressed tar archive. Every file is probed before it
-enters a manifest: undecodable, empty, non-16 kHz or multi-channel files are reported by path, and either fail
-the stage (default) or are skipped and listed in a separate CSV.
+Every format FFmpeg reads is decoded by FFmpeg (torchcodec's `AudioDecoder`), from a file or from a member of an
+uncompressed tar archive. The one exception is 16-bit PCM WAV, read as int16 straight from its data chunk: the
+same samples as FFmpeg's (tests/test_audio.py), a thousand times faster per file. torchcodec's `WavDecoder` is
+never used: it misreads IEEE-float WAV (errors up to 0.56 on samples in [-1, 1]).
+
+Probing gives a file's exact number of samples and refuses it, naming it, when it is unusable: undecodable,
+empty, truncated (WAV: its data chunk is shorter than its header says; FLAC: its last frame is cut or ends before
+STREAMINFO's total), not 16 kHz mono. WAV and FLAC lengths come from their headers, checked against the file;
+other formats (MP3, Ogg, Opus, ...) are decoded, their headers only estimate the length; `verify="full"` decodes
+every file, and checks a FLAC's samples against STREAMINFO's MD5 (FFmpeg conceals damaged frames).
+
+Resampling and downmix are off by default: a file that is not 16 kHz mono is refused. A source with `resample`
+(`downmix`) set is read at 16 kHz (mono) through FFmpeg's resampler (torchcodec's AudioDecoder `sample_rate`,
+`num_channels`: the samples of `ffmpeg -ar 16000 -ac 1`); a file already 16 kHz mono is read as it is. The manifest
+records each file's own rate and channels, so every stage that reads it (`source_of`) converts the same files the
+same way, and its `num_samples` is the converted length (decoded, exact).
 """
 
-from __future__ import annotations  # polars only where it is used: audio loading works without it
-
-import io
 import logging
-import tarfile
-import wave
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
-from hubert_pipeline.io import atomic_path
+from hubert_pipeline.audio_headers import (
+    HEAD_BYTES,
+    HeaderError,
+    check_flac_end,
+    decoded_md5,
+    parse_flac,
+    parse_wav,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import numpy as np
-    import polars as pl
     import torch
+    from torchcodec.decoders import AudioStreamMetadata
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 PCM16_SCALE = 2.0**-15  # int16 PCM -> [-1, 1): x * 2^-15 is exactly x / 32768 in float32
-MANIFEST_COLUMNS = ("fileid", "path", "num_samples")
-ARCHIVE_COLUMNS = ("archive", "byte_offset", "byte_size")
+# Extensions `manifest.extension` accepts: formats FFmpeg reads that hold speech.
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".oga", ".m4a", ".aac", ".wma", ".aif", ".aiff",
+                    ".au", ".snd", ".sph", ".caf", ".w64", ".webm", ".mka", ".amr", ".wv", ".ape", ".mp2")  # fmt: skip
+Verify = Literal["header", "full"]
 
 
-def file_id(path: str | Path) -> str:
+def file_id(path: str | os.PathLike) -> str:
     """THE file id of an audio file: its name without extension (`19-198-0001`, the demo's `kal-s100_train_00003`).
 
     Every stage keys features, units and alignments by this function, never by the path.
@@ -51,92 +66,94 @@ class AudioSource:
     archive: str | None = None
     byte_offset: int | None = None
     byte_size: int | None = None
+    resample: bool = False  # read a file of another rate at 16 kHz (else refuse it)
+    downmix: bool = False  # read a file of several channels as mono (else refuse it)
 
     def __str__(self) -> str:
         return f"{self.archive}:{self.path}" if self.archive else self.path
 
-    def read_source(self) -> str | bytes:
-        if self.archive is None:
-            return self.path
-        from spidr.data.utils import bytes_from_archive
+    def size(self) -> int:
+        return self.byte_size if self.byte_size is not None else Path(self.path).stat().st_size
 
-        assert self.byte_offset is not None
-        assert self.byte_size is not None
-        return bytes_from_archive(self.archive, self.byte_offset, self.byte_size)
+    def read_bytes(self, start: int = 0, length: int | None = None) -> bytes:
+        """`length` bytes (all, if None) from `start`, within the file or the archive member."""
+        size = self.size()
+        length = size - start if length is None else min(length, size - start)
+        with Path(self.archive or self.path).open("rb") as f:
+            f.seek((self.byte_offset or 0) + start)
+            return f.read(max(0, length))
 
-
-def _decoder(source: AudioSource):  # noqa: ANN202
-    from torchcodec.decoders import AudioDecoder, WavDecoder
-
-    data = source.read_source()
-    return (WavDecoder if source.path.endswith(".wav") else AudioDecoder)(data)
+    def decoder_input(self) -> str | bytes:
+        return self.path if self.archive is None else self.read_bytes()
 
 
-def probe(source: AudioSource) -> int:
-    """Number of samples of a valid file; BadAudioError naming the file when it is unusable for HuBERT."""
+def _decode(source: AudioSource) -> "torch.Tensor":
+    """(channels, samples) float32 as FFmpeg decodes them; BadAudioError naming the file if it cannot."""
+    return _decode_with_metadata(source)[0]
+
+
+def _decode_with_metadata(source: AudioSource) -> tuple["torch.Tensor", "AudioStreamMetadata"]:
+    """`_decode`, and the file's metadata: its own rate and channels, the duration its header gives (an estimate
+    for MP3, Ogg, ...)."""
+    from torchcodec.decoders import AudioDecoder
+
     try:
-        decoder = _decoder(source)
-        metadata = decoder.metadata
-        sample_rate, channels = metadata.sample_rate, metadata.num_channels
-        if sample_rate != SAMPLE_RATE:
-            raise BadAudioError(f"{source}: sample rate {sample_rate} Hz, expected {SAMPLE_RATE} Hz")
-        if channels != 1:
-            raise BadAudioError(f"{source}: {channels} channels, expected mono")
-        duration = metadata.duration_seconds_from_header
-        # no length in the header: decode it
-        samples = decoder.get_all_samples().data.shape[-1] if duration is None else round(duration * sample_rate)
-    except BadAudioError:
-        raise
-    except Exception as e:
-        raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
-    if samples <= 0:
-        raise BadAudioError(f"{source}: empty (0 samples)")
-    return samples
-
-
-def _pcm_wav(source: AudioSource) -> tuple[bytes, int, int] | None:
-    """(little-endian int16 samples, sample rate, channels) of a 16-bit PCM WAV, read with the standard library;
-    None for anything else (the decoder then reads it, or reports it). Per file, FFmpeg's decoder costs tens of
-    milliseconds; this costs tens of microseconds, and gives the same samples (tests/test_audio.py)."""
-    if not source.path.endswith(".wav"):
-        return None
-    try:
-        data = source.read_source()
-        with io.BytesIO(data) if isinstance(data, bytes) else Path(data).open("rb") as f, wave.open(f) as w:
-            if w.getsampwidth() != 2 or w.getcomptype() != "NONE":  # noqa: PLR2004
-                return None
-            frames, expected = w.readframes(w.getnframes()), w.getnframes() * w.getnchannels() * 2
-            rate, channels = w.getframerate(), w.getnchannels()
-    except (wave.Error, EOFError, OSError, ValueError):
-        return None
-    if len(frames) != expected:  # truncated: let the decoder decide what it can read
-        return None
-    return frames, rate, channels
-
-
-def _check_format(source: AudioSource, rate: int, channels: int) -> None:
-    if rate != SAMPLE_RATE or channels != 1:
-        raise BadAudioError(f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz")
-
-
-def load_samples(source: AudioSource) -> np.ndarray:
-    """The samples as stored, shape (samples,), checked to be 16 kHz mono: int16 for a 16-bit PCM WAV (read, not
-    decoded), float32 in [-1, 1] for anything else (decoded)."""
-    if (pcm := _pcm_wav(source)) is not None:
-        import numpy as np
-
-        frames, rate, channels = pcm
-        _check_format(source, rate, channels)
-        return np.frombuffer(frames, "<i2")
-    try:
-        samples = _decoder(source).get_all_samples()
+        decoder = AudioDecoder(source.decoder_input(), sample_rate=SAMPLE_RATE if source.resample else None,
+                               num_channels=1 if source.downmix else None)  # fmt: skip
+        metadata = decoder.metadata  # the file's own rate and channels
     except Exception as e:  # the decoder's message does not name the file
         raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
-    _check_format(source, samples.sample_rate, samples.data.shape[0])
-    return samples.data[0].numpy()
+    _check_format(source, metadata.sample_rate, metadata.num_channels)  # before decoding a file to refuse
+    try:
+        samples = decoder.get_all_samples()
+    except Exception as e:
+        raise BadAudioError(f"{source}: cannot be decoded ({type(e).__name__}: {e})") from e
+    return samples.data, metadata
 
 
-def as_float32(samples: np.ndarray) -> np.ndarray:
+# A decode this much shorter than the header's estimate is a truncated file (or a misdecoded one: torchcodec 0.17
+# keeps one frame per packet, dropping 3 blocks of 4 of ADPCM WAV; tests/test_audio.py): MP3 estimates include the
+# encoder's delay and padding (about 0.1 s); a file cut anywhere but in its last quarter second is found.
+ESTIMATE_SLACK_SECONDS, ESTIMATE_SLACK_FRACTION = 0.25, 0.01
+
+
+def _check_format(source: AudioSource, rate: int | None, channels: int | None) -> None:
+    """BadAudioError unless the file is 16 kHz mono, or is converted to it (`source.resample`, `source.downmix`)."""
+    if (rate != SAMPLE_RATE and not source.resample) or (channels != 1 and not source.downmix):
+        keys = [k for k, off in (("resample", rate != SAMPLE_RATE), ("downmix", channels != 1)) if off]
+        raise BadAudioError(
+            f"{source}: expected mono {SAMPLE_RATE} Hz, got {channels} channel(s) at {rate} Hz "
+            f"(convert the corpus to 16 kHz mono, or set {' and '.join(f'manifest.{k}: true' for k in keys)})"
+        )
+
+
+def needs_conversion(rate: int | None, channels: int | None) -> bool:
+    return rate != SAMPLE_RATE or channels != 1
+
+
+def _header_error(source: AudioSource, kind: str, e: HeaderError) -> BadAudioError:
+    return BadAudioError(f"{source}: {kind} {e}")
+
+
+def load_samples(source: AudioSource) -> "np.ndarray":
+    """The samples, shape (samples,), checked to be 16 kHz mono: int16 for a 16-bit PCM WAV (read, not decoded),
+    float32 in [-1, 1] as FFmpeg decodes them for anything else."""
+    import numpy as np
+
+    head = source.read_bytes(0, HEAD_BYTES)
+    try:
+        wav = parse_wav(head, source.size())
+    except HeaderError as e:
+        raise _header_error(source, "WAV", e) from e
+    if wav is not None and wav.is_pcm16 and not needs_conversion(wav.sample_rate, wav.channels):
+        data = head[wav.data_offset : wav.data_offset + wav.data_size]
+        if len(data) < wav.data_size:
+            data = source.read_bytes(wav.data_offset, wav.data_size)
+        return np.frombuffer(data, "<i2")
+    return _decode(source)[0].numpy()
+
+
+def as_float32(samples: "np.ndarray") -> "np.ndarray":
     """int16 PCM scaled to [-1, 1) in one pass (exactly), float samples as float32."""
     import numpy as np
 
@@ -145,123 +162,100 @@ def as_float32(samples: np.ndarray) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
-def load_audio(source: AudioSource) -> torch.Tensor:
+def load_audio(source: AudioSource) -> "torch.Tensor":
     """The waveform as float32 in [-1, 1], shape (samples,), checked to be 16 kHz mono."""
     import torch
 
     return torch.from_numpy(as_float32(load_samples(source)))
 
 
-def source_of(row: dict) -> AudioSource:
-    """The AudioSource of a manifest row (a dict from `DataFrame.iter_rows(named=True)`)."""
-    if row.get("archive"):
-        return AudioSource(row["path"], row["archive"], int(row["byte_offset"]), int(row["byte_size"]))
-    return AudioSource(row["path"])
+@dataclass(frozen=True)
+class Probe:
+    num_samples: int  # as read: after resampling and downmix, if any
+    sample_rate: int  # the file's own
+    channels: int
 
 
-def discover(root: str | Path, extension: str) -> Iterator[tuple[str, AudioSource]]:
-    """(file id, source) of every audio file under a folder, or inside an uncompressed tar archive, sorted by path."""
-    root = Path(root)
-    if root.is_dir():
-        for path in sorted(root.resolve().rglob(f"*{extension}")):
-            yield file_id(path), AudioSource(str(path))
-    elif root.is_file() and tarfile.is_tarfile(root):
-        with tarfile.open(root, mode="r:") as tar:  # "r:" refuses compressed archives
-            members = sorted(
-                (m for m in tar.getmembers() if m.isfile() and m.name.endswith(extension)), key=lambda m: m.name
-            )
-        for m in members:
-            yield file_id(m.name), AudioSource(m.name, str(root.resolve()), m.offset_data, m.size)
-    elif root.is_file():
-        raise ValueError(f"{root}: not a folder or an uncompressed tar archive")
-    else:
-        raise FileNotFoundError(f"{root}: no such folder or archive")
-
-
-def _probe_one(item: tuple[str, AudioSource]) -> tuple[str, AudioSource, int | str]:
-    fileid, source = item
+def _header_probe(source: AudioSource, head: bytes) -> Probe | None:
+    """Exact samples from a WAV or FLAC header, checked against the file; None for other formats (or a FLAC
+    whose encoder did not know its length, or a file to convert: its converted length is decoded); BadAudioError
+    for a truncated file or a format that is not 16 kHz mono (and not converted)."""
     try:
-        return fileid, source, probe(source)
-    except BadAudioError as e:
-        return fileid, source, str(e)
+        wav = parse_wav(head, source.size())
+    except HeaderError as e:
+        raise _header_error(source, "WAV", e) from e
+    if wav is not None:
+        _check_format(source, wav.sample_rate, wav.channels)
+        found = Probe(wav.num_frames, wav.sample_rate, wav.channels) if wav.uncompressed else None
+    else:
+        try:
+            flac = parse_flac(head)
+            if flac is None:
+                return None
+            _check_format(source, flac.sample_rate, flac.channels)
+            check_flac_end(flac, source)
+        except HeaderError as e:
+            raise _header_error(source, "FLAC", e) from e
+        found = Probe(flac.total_samples, flac.sample_rate, flac.channels) if flac.total_samples else None
+    return None if found is None or needs_conversion(found.sample_rate, found.channels) else found
 
 
-def build_manifest(
-    root: str | Path,
-    *,
-    extension: str = ".wav",
-    on_bad_file: Literal["fail", "skip"] = "fail",
-    workers: int = 1,
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Probe every file under `root`: (manifest sorted by file id, skipped files with their reason).
+def probe(source: AudioSource, verify: Verify = "header") -> int:
+    """Number of samples of a valid file, as read; BadAudioError naming the file when it is unusable for HuBERT."""
+    return probe_format(source, verify).num_samples
 
-    With on_bad_file="fail", BadAudioError lists every bad file (up to 20) before anything is written.
-    """
-    from concurrent.futures import ThreadPoolExecutor
 
-    import polars as pl
-    from tqdm import tqdm
+def probe_format(source: AudioSource, verify: Verify = "header") -> Probe:
+    """`probe`, with the file's own rate and channels."""
+    try:
+        head = source.read_bytes(0, HEAD_BYTES)
+    except OSError as e:
+        raise BadAudioError(f"{source}: cannot be read ({e})") from e
+    found = _header_probe(source, head)
+    if found is None or verify == "full":
+        found = _decoded_probe(source, found, head)
+    if found.num_samples <= 0:
+        raise BadAudioError(f"{source}: empty (0 samples)")
+    return found
 
-    items = list(discover(root, extension))
-    if not items:
-        raise ValueError(f"{root}: no '{extension}' files found")
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(tqdm(pool.map(_probe_one, items), total=len(items), desc=f"probe {root}", mininterval=2))
-    good = [(fid, src, n) for fid, src, n in results if isinstance(n, int)]
-    bad = [(fid, str(src), reason) for fid, src, reason in results if isinstance(reason, str)]
-    for _, _, reason in bad:
-        logger.warning("bad audio file: %s", reason)
-    if bad and on_bad_file == "fail":
-        listing = "\n  ".join(reason for _, _, reason in bad[:20])
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""  # noqa: PLR2004
+
+def _check_flac_md5(source: AudioSource, head: bytes, data: "torch.Tensor") -> None:
+    """BadAudioError when a FLAC's decoded samples do not have STREAMINFO's MD5: FFmpeg conceals a damaged frame
+    (same length, wrong samples), the MD5 does not."""
+    try:
+        flac = parse_flac(head)
+    except HeaderError:
+        return
+    if flac is None or not any(flac.md5) or flac.bits > 24 or needs_conversion(flac.sample_rate, flac.channels):  # noqa: PLR2004  float32 holds 24 bits
+        return
+    if decoded_md5(data.numpy(), flac.bits) != flac.md5:
+        raise BadAudioError(f"{source}: FLAC decoded samples do not match STREAMINFO's MD5 (damaged inside)")
+
+
+def _decoded_probe(source: AudioSource, from_header: Probe | None, head: bytes) -> Probe:
+    data, metadata = _decode_with_metadata(source)
+    _check_flac_md5(source, head, data)
+    decoded, estimate = data.shape[-1], metadata.duration_seconds_from_header
+    if from_header is not None and decoded != from_header.num_samples:
+        raise BadAudioError(f"{source}: its header says {from_header.num_samples} samples, {decoded} decode")
+    shortest = (estimate or 0) * (1 - ESTIMATE_SLACK_FRACTION) - ESTIMATE_SLACK_SECONDS
+    if from_header is None and decoded / SAMPLE_RATE < shortest:
         raise BadAudioError(
-            f"{len(bad)} bad audio file(s) under {root} "
-            f"(set manifest.on_bad_file: skip to leave them out):\n  {listing}{more}"
+            f"{source}: its header says about {estimate:.2f} s, only {decoded / SAMPLE_RATE:.2f} s decode "
+            "(truncated or damaged; or a codec whose packets hold several frames, such as ADPCM in WAV, of which "
+            "torchcodec keeps only the first: convert such files once with the ffmpeg CLI, e.g. to FLAC)"
         )
-    ids = [fid for fid, _, _ in good]
-    if len(set(ids)) != len(ids):
-        seen: dict[str, str] = {}
-        for fid, src, _ in good:
-            if fid in seen:
-                raise ValueError(
-                    f"{root}: file id {fid!r} is given by both {seen[fid]} and {src}; file ids must be unique"
-                )
-            seen[fid] = str(src)
-    has_archive = any(src.archive for _, src, _ in good)
-    rows = [
-        {
-            "fileid": fid,
-            "path": src.path,
-            "num_samples": n,
-            **(
-                {"archive": src.archive, "byte_offset": src.byte_offset, "byte_size": src.byte_size}
-                if has_archive
-                else {}
-            ),
-        }
-        for fid, src, n in good
-    ]
-    schema = {"fileid": pl.String, "path": pl.String, "num_samples": pl.Int64}
-    if has_archive:
-        schema |= {"archive": pl.String, "byte_offset": pl.Int64, "byte_size": pl.Int64}
-    manifest = pl.DataFrame(rows, schema=schema).sort("fileid")
-    skipped = pl.DataFrame(bad, schema={"fileid": pl.String, "path": pl.String, "reason": pl.String}, orient="row")
-    return manifest, skipped
+    if from_header is not None:
+        return from_header
+    return Probe(decoded, metadata.sample_rate or SAMPLE_RATE, metadata.num_channels or 1)
 
 
-def read_manifest(path: str | Path) -> pl.DataFrame:
-    """Read a manifest (CSV or JSONL) and check its columns, naming the file when they are wrong."""
-    import polars as pl
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such manifest")
-    df = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_csv(path)
-    if missing := [c for c in MANIFEST_COLUMNS if c not in df.columns]:
-        raise ValueError(f"{path}: manifest lacks column(s) {missing}")
-    return df
-
-
-def write_csv(df: pl.DataFrame, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        df.write_csv(tmp)
+def source_of(row: dict) -> AudioSource:
+    """The AudioSource of a manifest row (a dict from `DataFrame.iter_rows(named=True)`): converted to 16 kHz
+    (mono) when the row's `sample_rate` (`channels`) says the file is not."""
+    resample = int(row.get("sample_rate") or SAMPLE_RATE) != SAMPLE_RATE
+    downmix = int(row.get("channels") or 1) != 1
+    if row.get("archive"):
+        return AudioSource(row["path"], row["archive"], int(row["byte_offset"]), int(row["byte_size"]),
+                           resample=resample, downmix=downmix)  # fmt: skip
+    return AudioSource(row["path"], resample=resample, downmix=downmix)

@@ -324,8 +324,15 @@ def local_source(source: str | Path) -> Generator[Path]:
         return
     import mlflow
 
+    from hubert_pipeline.tracking import reading_uri
+
+    uri = reading_uri()  # the project's store, as the stages resolve it; never a new ./mlflow.db
+    # models:/ URIs are resolved through the process's registry whatever download_artifacts is given: set it
+    mlflow.set_tracking_uri(uri)
     with tempfile.TemporaryDirectory(prefix="hubert-mlflow-") as tmp:
-        yield Path(mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=tmp))
+        path = mlflow.artifacts.download_artifacts(artifact_uri=str(source), dst_path=tmp, tracking_uri=uri,
+                                                   registry_uri=uri)  # fmt: skip
+        yield Path(path)
 
 
 @contextlib.contextmanager
@@ -415,3 +422,11 @@ def export_hf(model: Model, out_dir: str | Path) -> None:
     with _atomic_dir(out_dir) as tmp:
         _save_tensors(sd, tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config(model), indent=2) + "\n")
+
+
+if __name__ == "__main__":  # the former command, `python -m hubert_pipeline.compat SRC OUT`: now `...convert`
+    import runpy
+    import sys
+
+    print("python -m hubert_pipeline.compat is now python -m hubert_pipeline.convert", file=sys.stderr)
+    runpy.run_module("hubert_pipeline.convert", run_name="__main__", alter_sys=True)

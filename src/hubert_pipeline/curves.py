@@ -98,13 +98,13 @@ def main() -> None:
     args = parser.parse_args()
     from hubert_pipeline.io import atomic_path
     from hubert_pipeline.params import load_params
-    from hubert_pipeline.tracking import tracking_uri
+    from hubert_pipeline.tracking import reading_uri
 
     if bad := [r for r in args.runs if "=" not in r]:
         parser.error(f"--runs entries are LABEL=DVC_EXPERIMENT, not {bad}")
     runs = dict(r.split("=", 1) for r in args.runs)
     mlflow_params = load_params(args.params).mlflow
-    table = collect(tracking_uri(mlflow_params), mlflow_params.experiment, runs)
+    table = collect(reading_uri(mlflow_params), mlflow_params.experiment, runs)
     with atomic_path(args.out.with_suffix(".csv")) as tmp:
         table.write_csv(tmp)
     plot(band(table), args.out.with_suffix(".png"), f"{len(runs)} runs: lowest to highest, and mean")

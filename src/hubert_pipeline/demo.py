@@ -338,9 +338,11 @@ def room_and_noise(x: "np.ndarray", rng: "np.random.Generator", params: DemoPara
     import numpy as np
 
     if params.room_rt60:
-        x = _fft_filter(x, room_response(rng, rng.uniform(*params.room_rt60)))
+        low, high = params.room_rt60
+        x = _fft_filter(x, room_response(rng, rng.uniform(low, high)))
     if params.noise_snr_db:
-        power = np.mean(x**2) * 10 ** (-rng.uniform(*params.noise_snr_db) / 10)
+        low, high = params.noise_snr_db
+        power = np.mean(x**2) * 10 ** (-rng.uniform(low, high) / 10)
         x = x + math.sqrt(power) * coloured_noise(rng, x.size)
     return x * (0.9 / max(np.max(np.abs(x)), 1e-9)) * 10 ** (-rng.uniform(0, 6) / 20)
 

@@ -112,7 +112,7 @@ def _resumable_frames(root: Path, shard: int, fileids: list[str], dtype: str) ->
 def _sharded_manifest(manifest: str, num_shards: int, stamp: tuple[int, int]) -> "pl.DataFrame":  # noqa: ARG001
     """The manifest with its shard column, read once for all the shards one process computes (`stamp`: the
     file's mtime and size, so that a changed manifest is read again)."""
-    from hubert_pipeline.audio import read_manifest
+    from hubert_pipeline.manifest import read_manifest
     from hubert_pipeline.store import assign_shards
 
     return assign_shards(read_manifest(manifest), num_shards)

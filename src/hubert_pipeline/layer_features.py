@@ -15,9 +15,10 @@ import numpy as np
 import polars as pl
 import torch
 
-from hubert_pipeline.audio import load_audio, read_manifest, source_of
+from hubert_pipeline.audio import load_audio, source_of
 from hubert_pipeline.io import write_json
 from hubert_pipeline.launch import map_tasks
+from hubert_pipeline.manifest import read_manifest
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import StoreMeta, assign_shards, finalize_store, is_shard_complete, write_shard
 

@@ -231,7 +231,8 @@ class HuBERT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, trust_pickle: bool = False) -> Self:
-        """Load a checkpoint in any layout of `hubert_pipeline.compat`, or an MLflow URI (`models:/name@alias`).
+        """Load a checkpoint in any layout of `hubert_pipeline.compat`, or an MLflow URI (`models:/name@alias`),
+        read from the store `hubert_pipeline.tracking.reading_uri` resolves (MLFLOW_TRACKING_URI, else the checkout's).
 
         The model is returned in eval mode.
 

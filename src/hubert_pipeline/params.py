@@ -84,8 +84,16 @@ class DataParams:
 
 @dataclass(frozen=True)
 class ManifestParams:
-    extension: str = ".wav"
+    extension: str | tuple[str, ...] = ".wav"  # one extension or a list: [.flac, .wav]
     on_bad_file: Literal["fail", "skip"] = "fail"
+    verify: Literal["header", "full"] = "header"  # full: decode every file, FLAC against its MD5 (header: WAV/FLAC
+    # lengths from their headers, checked against the file)
+    resample: bool = False  # files of other rates read at 16 kHz through FFmpeg's resampler (else refused)
+    downmix: bool = False  # files of several channels read as mono through FFmpeg's downmix (else refused)
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return (self.extension,) if isinstance(self.extension, str) else self.extension
 
 
 @dataclass(frozen=True)
@@ -209,8 +217,13 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: C901, PLR
     if origin in (types.UnionType, typing.Union):
         if value is None and type(None) in get_args(annotation):
             return None
-        (inner,) = (a for a in get_args(annotation) if a is not type(None))
-        return _convert(value, inner, where)
+        alternatives = [a for a in get_args(annotation) if a is not type(None)]
+        for inner in alternatives[:-1]:  # the first alternative that takes the value; the last one's error
+            try:
+                return _convert(value, inner, where)
+            except ParamsError:
+                pass
+        return _convert(value, alternatives[-1], where)
     if dataclasses.is_dataclass(annotation):
         return build(annotation, value, where)  # type: ignore[arg-type]
     if annotation is Any:
@@ -298,8 +311,8 @@ def validate(params: Params, where: str) -> None:
         (all(s > 0 for s in params.demo.speeds), "demo.speeds must be > 0"),
         (_is_range(params.demo.room_rt60, 0.05, 2.0), "demo.room_rt60 must be [] or [low, high] in [0.05, 2] s"),
         (_is_range(params.demo.noise_snr_db, -10, 100), "demo.noise_snr_db must be [] or [low, high] in [-10, 100] dB"),
-        (params.manifest.extension.startswith("."), "manifest.extension must start with '.'"),
     ]
+    checks += _extension_checks(params.manifest)
     for name in ("train_it1", "train_it2"):
         t: TrainParams = getattr(params, name)
         checks += [
@@ -317,3 +330,16 @@ def validate(params: Params, where: str) -> None:
     for ok, message in checks:
         if not ok:
             raise ParamsError(f"{where}: {message}")
+
+
+def _extension_checks(manifest: ManifestParams) -> list[tuple[bool, str]]:
+    from hubert_pipeline.audio import AUDIO_EXTENSIONS
+
+    known = ", ".join(AUDIO_EXTENSIONS)
+    checks = [(len(manifest.extensions) > 0, "manifest.extension must name at least one extension")]
+    for ext in manifest.extensions:
+        checks += [
+            (ext.startswith("."), f"manifest.extension {ext!r} must start with '.'"),
+            (ext.lower() in AUDIO_EXTENSIONS, f"manifest.extension {ext!r} is not an audio extension ({known})"),
+        ]
+    return checks

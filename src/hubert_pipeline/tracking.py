@@ -3,7 +3,10 @@
 The tracking URI is, in order: `MLFLOW_TRACKING_URI`; `mlflow.tracking_uri` in params.yaml; else
 `sqlite:///<repo root>/mlruns/mlflow.db`, with the repo root taken from `DVC_ROOT` (set by DVC, also inside the
 temporary copies that `dvc exp run --queue/--temp` runs in, so their runs land in the user's store) or git.
-Artifacts of the default store go to `<repo root>/mlruns/artifacts`.
+Artifacts of the default store go to `<repo root>/mlruns/artifacts`. Stages write there (`tracking_uri`); the
+library's readers (`models:/` URIs in `HuBERT.from_pretrained` and every `python -m hubert_pipeline.*`, the
+curves) resolve the same store with `reading_uri`, which never creates one: outside a checkout, or before the
+pipeline made its store, they fail with a message naming MLFLOW_TRACKING_URI.
 
 Each run records what ran (`run_tags`): the baseline commit (`git_revision`: DVC's experiment baseline, else HEAD),
 whether the code and config that ran differ from it (`git_dirty`, `git_changes`: queued experiments carry the
@@ -54,6 +57,7 @@ def _main_repo_root(root: Path) -> Path:
 
 
 def tracking_uri(params: MlflowParams) -> str:
+    """The URI stages log to (the default store is created if need be)."""
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
     if params.tracking_uri:
@@ -61,6 +65,69 @@ def tracking_uri(params: MlflowParams) -> str:
     root = _main_repo_root(repo_root())
     (root / "mlruns").mkdir(exist_ok=True)
     return f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+
+
+class TrackingStoreError(RuntimeError):
+    """No MLflow store to read from; the message says where it was looked for and how to name one."""
+
+
+def checkout_root() -> Path | None:
+    """The checkout of the pipeline this process runs in (a folder with dvc.yaml and params.yaml): `DVC_ROOT`, else
+    the git work tree of the current folder (the user's repo for a DVC experiment's copy); None outside one."""
+    if root := os.environ.get("DVC_ROOT"):
+        candidate = Path(root).resolve()
+    else:
+        try:
+            out = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True)
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return None
+        candidate = Path(out.stdout.strip()).resolve()
+    candidate = _main_repo_root(candidate)
+    return candidate if (candidate / "dvc.yaml").is_file() and (candidate / "params.yaml").is_file() else None
+
+
+def reading_uri(params: MlflowParams | None = None) -> str:
+    """The URI to read runs and registered models from: `MLFLOW_TRACKING_URI`; else one this process set with
+    `mlflow.set_tracking_uri`; else the checkout's (`params`, else its params.yaml's `mlflow.tracking_uri`, else its
+    sqlite store, which must exist). TrackingStoreError outside a checkout or without a store: never a new, empty
+    database (MLflow's own default is `./mlflow.db`, wherever the process runs)."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    if is_tracking_uri_set():
+        import mlflow
+
+        return mlflow.get_tracking_uri()
+    root = checkout_root()
+    if root is None:
+        raise TrackingStoreError(
+            f"{Path.cwd()} is not inside a checkout of the pipeline (a git work tree with dvc.yaml and params.yaml): "
+            "set MLFLOW_TRACKING_URI to the tracking store that holds the runs and models "
+            "(e.g. sqlite:////path/to/hubert-pipeline/mlruns/mlflow.db), or run from the checkout"
+        )
+    if params is None:
+        params = _checkout_mlflow_params(root)
+    if params.tracking_uri:
+        return params.tracking_uri
+    db = root / "mlruns" / "mlflow.db"
+    if not db.is_file():
+        raise TrackingStoreError(
+            f"no MLflow store at {db}: run the pipeline first (e.g. `dvc repro validate_it1` registers "
+            "models:/hubert-pipeline@it1), or set MLFLOW_TRACKING_URI to the store that holds the runs and models"
+        )
+    return f"sqlite:///{db}"
+
+
+def _checkout_mlflow_params(root: Path) -> MlflowParams:
+    import yaml
+
+    from hubert_pipeline.params import build
+
+    path = root / "params.yaml"
+    with path.open(encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    return build(MlflowParams, raw.get("mlflow"), f"{path}:mlflow")
 
 
 def git_revision(root: Path) -> str:

@@ -20,9 +20,9 @@ from typing import overload
 import numpy as np
 import polars as pl
 
-from hubert_pipeline.audio import read_manifest
 from hubert_pipeline.io import atomic_open, write_json
 from hubert_pipeline.launch import map_tasks
+from hubert_pipeline.manifest import read_manifest
 from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import FeatureStore
@@ -85,6 +85,19 @@ class MergeReport:
     max_abs_diff: int
 
 
+def check_one_to_one(manifest_ids: list[str], other_ids: list[str], manifest_name: str, other_name: str) -> None:
+    """ValueError naming both sides and some file ids when a file of the manifest is missing from the other side
+    (a feature store or units made from another manifest), or the other side has files the manifest lacks."""
+    other = set(other_ids)
+    if missing := [fid for fid in manifest_ids if fid not in other]:
+        raise ValueError(
+            f"{len(missing)} file(s) of {manifest_name} are missing from {other_name}, e.g. {missing[:5]}: "
+            "it was made from another manifest; rerun the stages after the manifest stage (dvc repro)"
+        )
+    if extra := sorted(other - set(manifest_ids)):
+        raise ValueError(f"{len(extra)} file(s) of {other_name} are not in {manifest_name}, e.g. {extra[:5]}")
+
+
 def fit_length(units: list[int], expected: int, tolerance: int, fileid: str) -> tuple[list[int], int]:
     diff = len(units) - expected
     if abs(diff) > tolerance:
@@ -105,10 +118,7 @@ def merge_units(
     tolerance: int,
 ) -> MergeReport:
     """Join units to the manifest one-to-one (every manifest file must have units), check lengths, write JSONL."""
-    if missing := [fid for fid in manifest["fileid"] if fid not in units]:
-        raise ValueError(f"{len(missing)} manifest file(s) have no units, e.g. {missing[:5]}")
-    if extra := sorted(set(units) - set(manifest["fileid"])):
-        raise ValueError(f"{len(extra)} file(s) have units but are not in the manifest, e.g. {extra[:5]}")
+    check_one_to_one(manifest["fileid"].to_list(), list(units), "the manifest", f"the units for {output}")
     errors: list[str] = []
     merged: list[list[int]] = []
     adjusted, max_diff = 0, 0
@@ -146,6 +156,7 @@ def units_for_split(
     """Transcribe one split shard by shard, then merge into `output` (JSONL manifest with units)."""
     store = FeatureStore(store_root)
     manifest = read_manifest(manifest_path)
+    check_one_to_one(manifest["fileid"].to_list(), store.fileids, f"manifest {manifest_path}", f"store {store_root}")
     step = frame_step(store.meta.frame_rate)
     parts = Path(output).parent / f".{Path(output).stem}.parts"
     parts.mkdir(parents=True, exist_ok=True)
