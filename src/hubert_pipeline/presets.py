@@ -41,6 +41,7 @@ RECIPES = {
     "xlarge": Recipe("xlarge", 256, 360_000, 3e-3, 1.0, normalize=True, iterations=(2,)),
 }
 MAX_UPDATES = {1: 250_000, 2: 400_000}  # the paper's iterations; fairseq's config file says 400k for both
+ITERATION_FROM_UNITS = 2  # the iteration trained on a model's units (the demo starts it from iteration 1's weights)
 
 
 def _shared_rows(recipe: Recipe) -> list[tuple[str, str, Any]]:
@@ -93,7 +94,8 @@ def recipe_rows(recipe: Recipe, gpus: int, gpus_per_node: int = GPUS_PER_NODE) -
             ("world size / GPUs (update_freq)", f"{section}.accumulate", accumulate),
             ("nprocs_per_node (one node, local executor)", f"{section}.processes", per_node),
         ]
-        rows += [("(paper: iteration 2 trains from random weights)", f"{section}.init_from", "")] if it == 2 else []
+        if it == ITERATION_FROM_UNITS:
+            rows.append(("(paper: iteration 2 trains from random weights)", f"{section}.init_from", ""))
     return rows
 
 
