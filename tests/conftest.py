@@ -1,8 +1,10 @@
 import wave
+from collections.abc import Generator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 
 def write_wav(path: Path, samples: np.ndarray, sample_rate: int = 16_000) -> Path:
@@ -31,3 +33,12 @@ def isolated_mlflow(tmp_path, monkeypatch):
     (tmp_path / "mlruns").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture
+def one_thread() -> Generator[None]:
+    """One torch thread for the test: on 2 shared cores, two threads make small float64 steps 5x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,8 +7,6 @@ we (LogitGenerator: normalised float32 vectors, one matmul). The two computation
 float64 the losses and gradients agree to float32 rounding (a float32 ulp is 1.2e-7 relative), not to float64's.
 """
 
-from collections.abc import Generator
-
 import pytest
 import torch
 from equality import (
@@ -30,14 +28,7 @@ from hubert_pipeline.compat import to_native
 from hubert_pipeline.params import TrainParams
 from hubert_pipeline.train import lr_lambda, optimization_step
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Generator[None]:
-    """One torch thread: on 2 shared cores, two threads make these small float64 steps 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Largest differences measured (relative to each gradient's largest magnitude): 4.8e-7 in float64, 1.3e-6 in float32.

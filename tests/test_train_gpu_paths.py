@@ -5,7 +5,6 @@ tests/test_gpu.py, marked `gpu`.
 """
 
 import dataclasses
-from collections.abc import Generator
 
 import pytest
 import torch
@@ -22,12 +21,7 @@ def manifest(tmp_path_factory):
     return make_manifest(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Generator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(manifest, out, cfg, *, stop_at=None):
