@@ -90,8 +90,10 @@ case "$cmd" in
   demo)
     setup
     log "running the pipeline on the demo corpus (dvc repro)"
+    start=$SECONDS
     uv run --frozen dvc repro "$@"
     uv run --frozen python -m hubert_pipeline.summary   # the unit-quality table, best checkpoints and layers, MLflow UI
+    log "pipeline: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s after set-up"
     ;;
   test)
     setup

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import write_wav
 
-from hubert_pipeline.model import HubertConfig
+from hubert_pipeline.model import HuBERT, HubertConfig
 from hubert_pipeline.params import TrainParams, ValidateParams
 from hubert_pipeline.train import NonFiniteLossError, list_checkpoints, train
 from hubert_pipeline.units import model_frames
@@ -87,6 +87,19 @@ def test_checkpoints_are_saved_every_interval_exactly_and_at_the_end(manifest, t
     assert state["step"] == 5
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "steps_in_epoch", "model_config"} <= set(state)
     assert HubertConfig.from_dict(state["model_config"]).encoder_dropout == 0.0
+
+
+def test_a_training_checkpoint_of_the_log_mel_model_loads_as_a_teacher(manifest, tmp_path):
+    """`iteration2.teacher` may be any step_*.pt: its config comes from the checkpoint, not from the shapes (log-mel
+    models have no conv extractor to infer one from)."""
+    cfg = replace(CFG, max_steps=2)
+    run_train(manifest, tmp_path, cfg, overrides={**NO_DROPOUT, "frontend": "log_mel"})
+    state = torch.load(tmp_path / "step_00000002.pt", weights_only=True)
+    teacher = HuBERT.from_pretrained(tmp_path / "step_00000002.pt")
+    assert teacher.config == HubertConfig.from_dict(state["model_config"])
+    weights = {k: v for k, v in state["model"].items() if k in teacher.state_dict()}
+    assert weights
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in weights.items())
 
 
 def test_resumed_run_gives_the_losses_and_weights_of_an_uninterrupted_run(manifest, tmp_path):

@@ -311,6 +311,8 @@ def load_state_dict_any(
     for key in ("model", "model_weight", "state_dict"):  # fairseq, s3prl, lightning
         if isinstance(checkpoint.get(key), Mapping):
             weights = dict(checkpoint[key])
+            if isinstance(checkpoint.get("model_config"), Mapping):  # our training checkpoints (step_*.pt)
+                return weights, HubertConfig.from_dict(dict(checkpoint["model_config"]))
             overrides = _fairseq_overrides(checkpoint)
             return weights, infer_config(weights, **overrides) if overrides else None
     return dict(checkpoint), None
