@@ -113,17 +113,13 @@ def stream_units_shard(
     normalize: bool, device: str,
 ) -> int:  # fmt: skip
     """Units of one shard of the manifest, straight from audio: parts/shard-XXXXX.json (fileid → units)."""
-    from hubert_pipeline.kmeans import load_centroids, predict
+    from hubert_pipeline.unit_encoder import EncoderParts, UnitEncoder  # the one path of units from audio
 
     out = Path(parts) / f"shard-{shard:05d}.json"
     if out.is_file():
         return len(json.loads(out.read_text()))
     rows = assign_shards(read_manifest(manifest), num_shards).filter(pl.col("shard") == shard).to_dicts()
-    model, dev = load_teacher(teacher, layer, device)
-    c = load_centroids(centroids, dim=model.config.encoder_embed_dim).to(dev)
-    units = {}
-    for row in rows:
-        features = layer_output(model, load_audio(source_of(row)).to(dev), layer, normalize=normalize)
-        units[row["fileid"]] = predict(features, c).cpu().tolist()
+    encoder = UnitEncoder.load(EncoderParts(teacher, layer, centroids, normalize), device)
+    units = {row["fileid"]: encoder.units(load_audio(source_of(row))).tolist() for row in rows}
     write_json(out, units)
     return len(units)
