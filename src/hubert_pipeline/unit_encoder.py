@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
-    import torch
-
     from hubert_pipeline.audio import AudioSource
     from hubert_pipeline.model import HuBERT
 
@@ -31,6 +30,28 @@ UNITS_SUFFIX = "-units"  # the registered units model of `<name>@itN` is `<name>
 CONFIG_ARTIFACT = "units_config"  # artifact keys of a registered units model
 CHECKPOINT_ARTIFACT = "checkpoint"
 CENTROIDS_ARTIFACT = "centroids"
+FRAME_RATE = 50.0  # units per second: HuBERT's frames (20 ms)
+
+
+def load_teacher(source: str, layer: int, device: str) -> "tuple[HuBERT, torch.device]":
+    from hubert_pipeline.model import HuBERT
+
+    model = HuBERT.from_pretrained(source)
+    if not 1 <= layer <= model.config.encoder_num_layers:
+        raise ValueError(f"{source}: layer {layer} is out of range 1..{model.config.encoder_num_layers}")
+    from hubert_pipeline.kmeans import resolve_device
+
+    dev = resolve_device(device)
+    return model.to(dev).eval(), dev
+
+
+@torch.no_grad()
+def layer_output(model: "HuBERT", waveform: torch.Tensor, layer: int, *, normalize: bool) -> torch.Tensor:
+    """(frames, D) output of transformer layer `layer` (1-based) for one waveform (T,)."""
+    if normalize:
+        waveform = torch.nn.functional.layer_norm(waveform, waveform.shape)
+    outputs = model.get_intermediate_outputs(waveform[None], num_layers=layer, before_residual=False)
+    return outputs[layer - 1][0].float()
 
 
 @dataclass(frozen=True)
@@ -66,7 +87,7 @@ def deduplicate(units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class UnitEncoder:
     """Units of a waveform: `encoder.units(load_audio(source))` → int64 array, one unit per model frame (50 Hz)."""
 
-    def __init__(self, model: "HuBERT", layer: int, centroids: "torch.Tensor", *, normalize: bool) -> None:
+    def __init__(self, model: "HuBERT", layer: int, centroids: torch.Tensor, *, normalize: bool) -> None:
         self.model, self.layer, self.normalize = model, layer, normalize
         self.device = next(model.parameters()).device
         self.centroids = centroids.to(self.device)
@@ -74,7 +95,6 @@ class UnitEncoder:
     @classmethod
     def load(cls, parts: EncoderParts, device: str = "cpu") -> "UnitEncoder":
         from hubert_pipeline.kmeans import load_centroids
-        from hubert_pipeline.layer_features import load_teacher
 
         model, _ = load_teacher(parts.checkpoint, parts.layer, device)
         centroids = load_centroids(parts.centroids, dim=model.config.encoder_embed_dim)
@@ -90,10 +110,9 @@ class UnitEncoder:
     def k(self) -> int:
         return int(self.centroids.shape[0])
 
-    def units(self, waveform: "torch.Tensor") -> np.ndarray:
+    def units(self, waveform: torch.Tensor) -> np.ndarray:
         """(samples,) 16 kHz float waveform → (frames,) int64 units."""
         from hubert_pipeline.kmeans import predict
-        from hubert_pipeline.layer_features import layer_output
 
         features = layer_output(self.model, waveform.to(self.device), self.layer, normalize=self.normalize)
         return predict(features, self.centroids).cpu().numpy()
@@ -180,7 +199,6 @@ def open_parts(
 def provenance(model: str, parts: EncoderParts, version: dict[str, str] | None) -> dict[str, Any]:
     """What made a set of units: recorded beside every output."""
     from hubert_pipeline.kmeans import load_centroids
-    from hubert_pipeline.layer_features import FRAME_RATE
 
     return {
         "model": model,
