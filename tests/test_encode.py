@@ -200,3 +200,15 @@ def test_a_killed_encode_resumes_and_gives_the_uninterrupted_output(tmp_path, pa
             tensors[name] = ({key: f.get_tensor(key).tolist() for key in f.keys()}, f.metadata())  # noqa: SIM118
     assert tensors["killed"] == tensors["whole"]
     assert set(tensors["killed"][0]) == {"units", "offsets", "durations"}
+
+
+def test_the_console_script_shows_its_help_and_names_a_bad_input_without_a_traceback(tmp_path, parts):
+    script = Path(sys.executable).with_name("hubert-encode")
+    shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "units.safetensors" in shown
+    assert "--deduplicate" in shown
+    bad = subprocess.run([str(script), str(tmp_path / "nothing"), str(tmp_path / "out"), "--model", parts.checkpoint],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert bad.returncode != 0
+    assert "hubert-encode: error:" in bad.stderr
+    assert "Traceback" not in bad.stderr
