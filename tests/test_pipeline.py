@@ -18,9 +18,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 STAGES = [
     "demo_corpus", "manifest", "mfcc", "kmeans_it1", "units_it1", "pretrain_it1", "validate_it1", "abx_it1",
-    "features_it2", "kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2", "unit_quality",
+    "features_it2", "kmeans_it2", "register_units_it1", "units_it2", "pretrain_it2", "validate_it2", "abx_it2",
+    "unit_quality", "register_units_it2",
 ]  # fmt: skip
-IT2_STAGES = ["kmeans_it2", "units_it2", "pretrain_it2", "validate_it2", "abx_it2", "unit_quality"]
+IT2_STAGES = ["kmeans_it2", "register_units_it1", "units_it2", "pretrain_it2", "validate_it2", "abx_it2",
+              "unit_quality", "register_units_it2"]  # fmt: skip
 TINY = {
     "demo": {"train_minutes": 1.5, "valid_minutes": 0.3, "abx_minutes": 0.3},
     "mfcc": {"num_shards": 3},
@@ -128,6 +130,33 @@ def test_both_iterations_are_registered_and_load_from_the_registry(project):
     local = HuBERT.from_pretrained(project / "outputs" / "pretrain" / "it1" / "best")
     for (name, a), (_, b) in zip(loaded.state_dict().items(), local.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_each_iterations_unit_encoder_is_registered_and_gives_the_pipelines_units(project, tmp_path, monkeypatch):
+    from hubert_pipeline.encode import encode
+    from hubert_pipeline.params import ExecutionParams
+    from hubert_pipeline.units import read_units
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project}/mlruns/mlflow.db")
+    cpu = ExecutionParams(workers=1, device="cpu")
+    valid = project / "outputs" / "manifests" / "valid.csv"
+    encode(valid, tmp_path / "it1", model="models:/hubert-pipeline-units@it1", execution=cpu)
+    rows = [json.loads(line) for line in (tmp_path / "it1" / "units.jsonl").read_text().splitlines()]
+    assert {r["fileid"]: r["units"] for r in rows} == {  # iteration 1's encoder makes iteration 2's targets
+        fid: u.tolist() for fid, u in read_units(project / "outputs" / "units" / "it2" / "valid.jsonl").items()
+    }
+    encode(valid, tmp_path / "it2", model="models:/hubert-pipeline-units@it2", execution=cpu)
+    rows = [json.loads(line) for line in (tmp_path / "it2" / "units.jsonl").read_text().splitlines()]
+    assert {r["fileid"]: r["units"] for r in rows} == {  # iteration 2's: unit_quality's it2 units
+        fid: u.tolist() for fid, u in read_units(project / "outputs" / "unit_quality" / "valid.jsonl").items()
+    }
+    for it in (1, 2):
+        registered = json.loads((project / "outputs" / "registered" / f"units_it{it}.json").read_text())
+        assert registered["uri"] == f"models:/hubert-pipeline-units@it{it}"
+        meta = json.loads((tmp_path / f"it{it}" / "meta.json").read_text())
+        assert meta["provenance"]["model_version"]["version"] == registered["version"]
+        assert meta["provenance"]["centroids_sha256"] == registered["centroids_sha256"]
 
 
 @pytest.mark.slow

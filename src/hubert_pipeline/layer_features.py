@@ -9,11 +9,9 @@ Layer outputs are the transformer layers' outputs (`before_residual=False`), as 
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
-import torch
 
 from hubert_pipeline.audio import load_audio, source_of
 from hubert_pipeline.io import write_json
@@ -21,34 +19,12 @@ from hubert_pipeline.launch import map_tasks
 from hubert_pipeline.manifest import read_manifest
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import StoreMeta, assign_shards, finalize_store, is_shard_complete, write_shard
+from hubert_pipeline.unit_encoder import FRAME_RATE, EncoderParts, UnitEncoder, layer_output, load_teacher
 
-if TYPE_CHECKING:
-    from hubert_pipeline.model import HuBERT
+__all__ = ["FRAME_RATE", "extract_layer_features", "fit_subset", "layer_output", "load_teacher", "stream_units_shard"]
+
 
 logger = logging.getLogger(__name__)
-
-FRAME_RATE = 50.0
-
-
-def load_teacher(source: str, layer: int, device: str) -> "tuple[HuBERT, torch.device]":
-    from hubert_pipeline.model import HuBERT
-
-    model = HuBERT.from_pretrained(source)
-    if not 1 <= layer <= model.config.encoder_num_layers:
-        raise ValueError(f"{source}: layer {layer} is out of range 1..{model.config.encoder_num_layers}")
-    from hubert_pipeline.kmeans import resolve_device
-
-    dev = resolve_device(device)
-    return model.to(dev).eval(), dev
-
-
-@torch.no_grad()
-def layer_output(model: "HuBERT", waveform: torch.Tensor, layer: int, *, normalize: bool) -> torch.Tensor:
-    """(frames, D) output of transformer layer `layer` (1-based) for one waveform (T,)."""
-    if normalize:
-        waveform = torch.nn.functional.layer_norm(waveform, waveform.shape)
-    outputs = model.get_intermediate_outputs(waveform[None], num_layers=layer, before_residual=False)
-    return outputs[layer - 1][0].float()
 
 
 def fit_subset(manifest: pl.DataFrame, fraction: float, seed: int) -> pl.DataFrame:
@@ -113,17 +89,11 @@ def stream_units_shard(
     normalize: bool, device: str,
 ) -> int:  # fmt: skip
     """Units of one shard of the manifest, straight from audio: parts/shard-XXXXX.json (fileid → units)."""
-    from hubert_pipeline.kmeans import load_centroids, predict
-
     out = Path(parts) / f"shard-{shard:05d}.json"
     if out.is_file():
         return len(json.loads(out.read_text()))
     rows = assign_shards(read_manifest(manifest), num_shards).filter(pl.col("shard") == shard).to_dicts()
-    model, dev = load_teacher(teacher, layer, device)
-    c = load_centroids(centroids, dim=model.config.encoder_embed_dim).to(dev)
-    units = {}
-    for row in rows:
-        features = layer_output(model, load_audio(source_of(row)).to(dev), layer, normalize=normalize)
-        units[row["fileid"]] = predict(features, c).cpu().tolist()
+    encoder = UnitEncoder.load(EncoderParts(teacher, layer, centroids, normalize), device)  # the CLI's units
+    units = {row["fileid"]: encoder.units(load_audio(source_of(row))).tolist() for row in rows}
     write_json(out, units)
     return len(units)

@@ -186,7 +186,8 @@ def stream_units_for_split(
     execution: ExecutionParams,
 ) -> MergeReport:
     """Units of one split from audio through the teacher's layer (no feature dump), merged into `output`."""
-    from hubert_pipeline.layer_features import load_teacher, stream_units_shard
+    from hubert_pipeline.layer_features import stream_units_shard
+    from hubert_pipeline.unit_encoder import load_teacher
 
     manifest = read_manifest(manifest_path)
     load_teacher(teacher, layer, "cpu")  # a bad checkpoint or layer fails before the workers start
