@@ -1,4 +1,4 @@
-from hubert_pipeline.summary import experiment_summary
+from hubert_pipeline.summary import experiment_summary, goals
 
 
 def test_summary_takes_each_iterations_best_layer_units_and_its_chosen_checkpoint():
@@ -22,3 +22,11 @@ def test_summary_figures_are_rounded_to_four_significant_digits_for_short_column
     row = {"pnmi": 0.163694786, "abx_across": 38.348880610}
     summary = experiment_summary({"it1_best_layer": row}, {1: {"best_accuracy": 0.0984293, "best_loss": 2.842083}})
     assert summary == {"pnmi1": 0.1637, "abx1": 38.35, "acc1": 0.09843, "loss1": 2.842}
+
+
+def test_without_alignments_the_summary_has_no_pnmi_and_no_pnmi_goal():
+    row = {"source": "x", "k": 30, "pnmi": None, "phone_purity": None, "cluster_purity": None, "abx_within": 9.0}
+    table = {name: row | {"abx_across": 20.0} for name in ("mfcc", "mfcc_at_k", "it1_best_layer", "it2_best_layer")}
+    validate = {1: {"best_accuracy": 0.05, "best_loss": 4.2}}
+    assert experiment_summary(table, validate) == {"abx1": 20.0, "acc1": 0.05, "loss1": 4.2}
+    assert [goal for goal, _ in goals(table, None)] == ["ABX across speakers: it1 best layer below MFCC"]

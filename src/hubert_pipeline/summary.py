@@ -42,7 +42,8 @@ def unit_table(table: dict[str, dict[str, Any]]) -> str:
 
 def goals(table: dict[str, dict[str, Any]], validation: dict[str, Any] | None) -> list[tuple[str, bool | None]]:
     """(goal, reached) of a run that learns; None where the figures are missing."""
-    pnmi = {key: table[key]["pnmi"] for key in ("mfcc_at_k", "it1_best_layer", "it2_best_layer") if key in table}
+    pnmi = {key: table[key]["pnmi"] for key in ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
+            if table.get(key, {}).get("pnmi") is not None}  # fmt: skip
     out: list[tuple[str, bool | None]] = []
     if len(pnmi) == 3:  # noqa: PLR2004
         k = table["mfcc_at_k"]["k"]
@@ -96,8 +97,9 @@ def experiment_summary(unit_quality: dict[str, dict[str, Any]], validate: dict[i
     summary = {}
     for it in sorted(validate):
         row = unit_quality[f"it{it}_best_layer"]
+        if row.get("pnmi") is not None:  # None without data.alignments
+            summary[f"pnmi{it}"] = _short(row["pnmi"])
         summary |= {
-            f"pnmi{it}": _short(row["pnmi"]),
             f"abx{it}": _short(row["abx_across"]),
             f"acc{it}": _short(validate[it]["best_accuracy"]),
             f"loss{it}": _short(validate[it]["best_loss"]),
