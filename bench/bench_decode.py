@@ -6,6 +6,8 @@ read with `hubert_pipeline.audio.load_audio` (what every stage calls: the int16 
 torchcodec, resampling to 16 kHz where the format's rate differs) and probed with `probe` (the manifest stage's
 work per file). The reference is the ffmpeg CLI decoding the same files to f32le at 16 kHz mono, one process per
 file, timed in the same run (its process start-up included: it is the convert-once cost of a shell loop).
+`convert` is the convert-once stage's work per file (`hubert_pipeline.transcode.convert_file`: read as above, write
+`--convert-format`), `read converted` the cost of reading its output afterwards.
 
     uv run python bench/bench_decode.py                     # 5 minutes of audio per format, 10 s files
     uv run python bench/bench_decode.py --minutes 20 --formats flac mp3_48k
@@ -20,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hubert_pipeline.audio import AudioSource, load_audio, probe
+from hubert_pipeline.transcode import SUFFIX, Format, convert_file
 
 # name -> (extension, rate, ffmpeg codec options)
 FORMATS = {
@@ -70,15 +73,27 @@ def cli_cpu_seconds(paths: list[Path]) -> float:
     return (after.children_user - before.children_user) + (after.children_system - before.children_system)
 
 
+def convert_seconds(paths: list[Path], source: AudioSource, out: Path, fmt: Format) -> tuple[float, float]:
+    """CPU seconds of converting every file once to `fmt` under `out`, then of reading the converted files."""
+    out.mkdir()
+    dests = [out / f"{p.stem}{SUFFIX[fmt]}" for p in paths]
+    start = time.process_time()
+    for path, dest in zip(paths, dests, strict=True):
+        convert_file(replace(source, path=str(path)), dest, fmt)
+    converting = time.process_time() - start
+    return converting, timed(lambda p: load_audio(AudioSource(str(p))), dests)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--minutes", type=float, default=5.0, help="audio per format")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each file")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    parser.add_argument("--convert-format", default="flac", choices=list(SUFFIX), help="what `convert` writes")
     args = parser.parse_args()
     print(f"{'format':<12} {'read: audio h / CPU h':>22} {'probe: audio h / CPU h':>23} {'ffmpeg CLI':>11} "
-          f"{'read vs CLI':>12}")  # fmt: skip
+          f"{'read vs CLI':>12} {'convert':>8} {'read converted':>15}")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as tmp:
         for name in args.formats:
             paths = make_files(Path(tmp), name, args.minutes, args.seconds)
@@ -89,9 +104,12 @@ def main() -> None:
             read = timed(lambda p, s=source: load_audio(replace(s, path=str(p))), paths)
             probed = timed(lambda p, s=source: probe(replace(s, path=str(p))), paths)
             cli = cli_cpu_seconds(paths)
-            rate = {k: audio_hours / (v / 3600) for k, v in (("read", read), ("probe", probed), ("cli", cli))}
+            converting, reread = convert_seconds(paths, source, Path(tmp) / f"{name}-converted", args.convert_format)
+            seconds = {"read": read, "probe": probed, "cli": cli, "convert": converting, "reread": reread}
+            rate = {k: audio_hours / (v / 3600) for k, v in seconds.items()}
             print(f"{name:<12} {rate['read']:>22,.0f} {rate['probe']:>23,.0f} {rate['cli']:>11,.0f} "
-                  f"{rate['read'] / rate['cli']:>11.1f}x", flush=True)  # fmt: skip
+                  f"{rate['read'] / rate['cli']:>11.1f}x {rate['convert']:>8,.0f} {rate['reread']:>15,.0f}",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

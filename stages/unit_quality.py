@@ -8,7 +8,8 @@ across speakers) of MFCC and of each model's best layer. Written as a DVC metric
 `<row>_<column>` (`it1_best_layer_pnmi`), and the rows compared at equal k once more as one curve per column,
 `units_<column>` (`units_pnmi`, `units_phone_purity`, `units_cluster_purity`, `units_abx_within`,
 `units_abx_across`) at step 0 (MFCC at kmeans.k), 1 and 2 (the best layer of the it1 and it2 model), which
-MLflow's chart view draws against the iteration.
+MLflow's chart view draws against the iteration. Without phone alignments (data.alignments empty) the table
+holds k and ABX only, and the k-means and units made only for PNMI are skipped.
 """
 
 import json
@@ -49,8 +50,6 @@ if __name__ == "__main__":
     from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
     params = load_params(args.params)
-    if not params.data.alignments:
-        raise SystemExit("unit_quality needs phone alignments: data.alignments is empty")
     scores = {it: json.loads((Path(d) / "scores.json").read_text()) for it, d in (("it1", args.abx_it1),
                                                                                    ("it2", args.abx_it2))}  # fmt: skip
     layer = int(scores["it2"]["best_layer"])
@@ -66,14 +65,7 @@ if __name__ == "__main__":
                          gpu=True)  # fmt: skip
         save_centroids(centroids, result, metadata)
 
-    with stage_run("unit_quality", mlflow_params=params.mlflow, params={"kmeans.k": params.kmeans.k}, iteration=2):
-        work.mkdir(parents=True, exist_ok=True)
-        fit(Path(args.mfcc) / "train", work / "mfcc_centroids.safetensors", cfg.fit_fraction, {"source": "mfcc"})
-        units_for_split(
-            Path(args.manifests) / "valid.csv", Path(args.mfcc) / "valid", work / "mfcc_centroids.safetensors",
-            work / "mfcc_valid.jsonl", tolerance=params.units.length_tolerance, execution=params.execution,
-        )  # fmt: skip
-        mfcc_at_k = unit_quality(read_units(work / "mfcc_valid.jsonl"), Path(params.data.alignments) / "valid.jsonl")
+    def it2_model_units() -> None:  # the it2 model's best layer: features of the fitting subset, k-means, units
         extract_layer_features(
             str(Path(args.manifests) / "train.csv"), work / "features", teacher=args.model_it2, layer=layer,
             fit_fraction=params.kmeans.fit_fraction, seed=params.kmeans.seed, num_shards=it2.num_shards,
@@ -85,7 +77,20 @@ if __name__ == "__main__":
             centroids=work / "centroids.safetensors", num_shards=it2.num_shards, normalize=params.train_it2.normalize,
             tolerance=params.units.length_tolerance, execution=params.execution,
         )  # fmt: skip
-        it3 = unit_quality(read_units(work / "valid.jsonl"), Path(params.data.alignments) / "valid.jsonl")
+
+    with stage_run("unit_quality", mlflow_params=params.mlflow, params={"kmeans.k": params.kmeans.k}, iteration=2):
+        work.mkdir(parents=True, exist_ok=True)
+        mfcc_at_k, it3 = {}, {}
+        if params.data.alignments:  # else no unit metrics: the table holds k and ABX only
+            alignments = Path(params.data.alignments) / "valid.jsonl"
+            fit(Path(args.mfcc) / "train", work / "mfcc_centroids.safetensors", cfg.fit_fraction, {"source": "mfcc"})
+            units_for_split(
+                Path(args.manifests) / "valid.csv", Path(args.mfcc) / "valid", work / "mfcc_centroids.safetensors",
+                work / "mfcc_valid.jsonl", tolerance=params.units.length_tolerance, execution=params.execution,
+            )  # fmt: skip
+            mfcc_at_k = unit_quality(read_units(work / "mfcc_valid.jsonl"), alignments)
+            it2_model_units()
+            it3 = unit_quality(read_units(work / "valid.jsonl"), alignments)
         it1_units = json.loads(Path(args.units_it1).read_text())["valid"]
         it2_units = json.loads(Path(args.units_it2).read_text())["valid"]
         best = {it: int(s["best_layer"]) for it, s in scores.items()}

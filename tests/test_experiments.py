@@ -56,27 +56,32 @@ def copy_checkout(root: Path) -> None:
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A git + DVC repository with the real manifest, mfcc and kmeans_it1 stages on six one-second files."""
-    root = tmp_path / "project"
+def reduced_project(root: Path, stages: tuple[str, ...], tiny: dict[str, dict], files: int = 6) -> Path:
+    """A git + DVC repository at `root` with the real stages named (dvc.yaml's definitions), params.yaml updated
+    with `tiny`, and `files` one-second tones (two thirds train, the rest valid) committed to git under audio/."""
     root.mkdir()
     copy_checkout(root)
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    reduced = {"stages": {name: dvc["stages"][name] for name in STAGES}}
+    reduced = {"stages": {name: dvc["stages"][name] for name in stages}}
     (root / "dvc.yaml").write_text(yaml.safe_dump(reduced, sort_keys=False))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
+    for section, values in tiny.items():
         params[section].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for i in range(6):
-        split = "train" if i < 4 else "valid"
+    for i in range(files):
+        split = "train" if i < files * 2 // 3 else "valid"
         write_wav(root / "audio" / split / f"spk{i}_utt.wav", tone(1.0, freq=150.0 + 60 * i, seed=i))
     git(root, "init", "-q")
     run(["dvc", "init", "-q"], root)
     git(root, "add", "-A")
     git(root, "commit", "-qm", "baseline")
     return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git + DVC repository with the real manifest, mfcc and kmeans_it1 stages on six one-second files."""
+    return reduced_project(tmp_path / "project", STAGES, TINY)
 
 
 def runs_of(root: Path, experiment: str) -> dict[str, Run]:

@@ -71,3 +71,14 @@ def test_manifest_extension_is_one_extension_or_a_list_of_known_ones(tmp_path):
         load_params(write(tmp_path, {"manifest": {"extension": [".wav", ".txt"]}}))
     with pytest.raises(ParamsError, match=r"manifest\.verify: 'all' is not one of \['header', 'full'\]"):
         load_params(write(tmp_path, {"manifest": {"verify": "all"}}))
+
+
+def test_convert_is_off_by_default_and_its_extension_is_checked_by_name(tmp_path):
+    params = load_params(REPO / "params.yaml")
+    assert params.convert.corpora == {}
+    assert params.convert.format == "flac"
+    on = load_params(write(tmp_path, {"convert": {"corpora": {"train": "/cv/train"}, "extension": [".mp3", ".opus"]}}))
+    assert on.convert.corpora == {"train": "/cv/train"}
+    assert on.convert.extensions == (".mp3", ".opus")
+    with pytest.raises(ParamsError, match=r"convert\.extension '\.txt' is not an audio extension"):
+        load_params(write(tmp_path, {"convert": {"extension": ".txt"}}))

@@ -14,6 +14,8 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from test_experiments import TINY as REDUCED_TINY
+from test_experiments import reduced_project
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = [
@@ -250,6 +252,50 @@ def test_exp_run_with_another_k_reruns_only_iteration_two_and_is_tagged_in_mlflo
     assert {r.data.tags["stage"] for r in runs} == set(IT2_STAGES)
     shown = run(["dvc", "exp", "show", "--json"], project).stdout
     assert "k-twelve" in shown
+
+
+def no_alignments(params_yaml: Path) -> None:
+    params = yaml.safe_load(params_yaml.read_text())
+    params["data"]["alignments"] = ""  # params.yaml: "empty: no unit metrics"
+    params_yaml.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_the_pipeline_parses_and_lists_every_stage_with_empty_alignments(tmp_path):
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    no_alignments(tmp_path / "params.yaml")
+    run(["git", "init", "-q"], tmp_path)
+    run(["dvc", "init", "-q"], tmp_path)
+    listed = run(["dvc", "stage", "list", "--name-only"], tmp_path).stdout.split()  # DVC failed here: an empty dep
+    assert sorted(listed) == sorted(STAGES)
+
+
+@pytest.mark.slow
+def test_units_stage_without_alignments_writes_units_and_no_unit_metrics(tmp_path):
+    tiny = REDUCED_TINY | {"data": REDUCED_TINY["data"] | {"alignments": ""}}
+    root = reduced_project(tmp_path / "p", ("manifest", "mfcc", "kmeans_it1", "units_it1"), tiny)
+    run(["dvc", "repro"], root)
+    metrics = json.loads((root / "metrics" / "units_it1.json").read_text())
+    counts = {"train": 4, "valid": 2}
+    assert metrics == {split: {"files": n, "length_adjusted_files": 0} for split, n in counts.items()}
+    assert len(pl.read_ndjson(root / "outputs" / "units" / "it1" / "valid.jsonl")) == 2
+
+
+@pytest.mark.slow
+def test_without_alignments_the_whole_pipeline_reruns_its_unit_stages_and_reports_abx_only(project):
+    before = (project / "params.yaml").read_text()
+    no_alignments(project / "params.yaml")
+    try:
+        out = run(["dvc", "repro"], project).stdout
+        assert set(re.findall(r"Running stage '(\w+)'", out)) == {"units_it1", "units_it2", "unit_quality"}, out
+        table = json.loads((project / "metrics" / "unit_quality.json").read_text())
+        for row in table.values():
+            assert row["pnmi"] is None
+            assert 0 <= row["abx_across"] <= 100
+        summary = json.loads((project / "metrics" / "summary.json").read_text())
+        assert sorted(summary) == ["abx1", "abx2", "acc1", "acc2", "loss1", "loss2"]
+    finally:
+        (project / "params.yaml").write_text(before)
 
 
 @pytest.mark.slow

@@ -1,4 +1,8 @@
-from hubert_pipeline.summary import experiment_summary
+import os
+import subprocess
+import sys
+
+from hubert_pipeline.summary import experiment_summary, goals, summary
 
 
 def test_summary_takes_each_iterations_best_layer_units_and_its_chosen_checkpoint():
@@ -22,3 +26,40 @@ def test_summary_figures_are_rounded_to_four_significant_digits_for_short_column
     row = {"pnmi": 0.163694786, "abx_across": 38.348880610}
     summary = experiment_summary({"it1_best_layer": row}, {1: {"best_accuracy": 0.0984293, "best_loss": 2.842083}})
     assert summary == {"pnmi1": 0.1637, "abx1": 38.35, "acc1": 0.09843, "loss1": 2.842}
+
+
+def mlflow_line(text: str) -> str:
+    (line,) = [line for line in text.splitlines() if "mlflow ui" in line or line.strip().startswith("open ")]
+    return line.strip()
+
+
+def test_summary_opens_the_checkouts_default_store_when_nothing_names_another(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("mlflow:\n  tracking_uri: ''\n")
+    line = mlflow_line(summary(tmp_path))
+    assert line.startswith(f"uv run mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db ")
+
+
+def test_summary_opens_the_store_of_params_tracking_uri_and_mlflow_tracking_uri_before_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "params.yaml").write_text("mlflow:\n  tracking_uri: sqlite:////shared/runs.db\n")
+    assert mlflow_line(summary(tmp_path)).startswith("uv run mlflow ui --backend-store-uri sqlite:////shared/runs.db ")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert mlflow_line(summary(tmp_path)) == "open http://mlflow.example:5000"
+
+
+def test_summary_cli_prints_the_uri_of_mlflow_tracking_uri(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = "postgresql://u@db/mlflow"
+    out = subprocess.run([sys.executable, "-m", "hubert_pipeline.summary", "--root", str(tmp_path)], env=env,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert mlflow_line(out).startswith("uv run mlflow ui --backend-store-uri postgresql://u@db/mlflow ")
+    assert "sqlite" not in out
+
+
+def test_without_alignments_the_summary_has_no_pnmi_and_no_pnmi_goal():
+    row = {"source": "x", "k": 30, "pnmi": None, "phone_purity": None, "cluster_purity": None, "abx_within": 9.0}
+    table = {name: row | {"abx_across": 20.0} for name in ("mfcc", "mfcc_at_k", "it1_best_layer", "it2_best_layer")}
+    validate = {1: {"best_accuracy": 0.05, "best_loss": 4.2}}
+    assert experiment_summary(table, validate) == {"abx1": 20.0, "acc1": 0.05, "loss1": 4.2}
+    assert [goal for goal, _ in goals(table, None)] == ["ABX across speakers: it1 best layer below MFCC"]

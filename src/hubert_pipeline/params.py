@@ -97,6 +97,20 @@ class ManifestParams:
 
 
 @dataclass(frozen=True)
+class ConvertParams:
+    """The convert-once stages (`convert@<name>`, off while `corpora` is empty): each corpus folder or tar converted
+    to 16 kHz mono files under outputs/converted/<name>, which data.train / data.valid then name."""
+
+    corpora: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> folder or tar, e.g. {train: ...}
+    extension: str | tuple[str, ...] = ".mp3"  # the files converted (Common Voice: .mp3)
+    format: Literal["flac", "wav", "wav16"] = "flac"  # flac: 24-bit; wav: float32 (exact); wav16: 16-bit PCM
+
+    @property
+    def extensions(self) -> tuple[str, ...]:
+        return (self.extension,) if isinstance(self.extension, str) else self.extension
+
+
+@dataclass(frozen=True)
 class MfccParams:
     num_shards: int = 8
     dtype: Literal["float32", "float16"] = "float32"
@@ -188,6 +202,7 @@ class Params:
     demo: DemoParams = DemoParams()
     data: DataParams = DataParams()
     manifest: ManifestParams = ManifestParams()
+    convert: ConvertParams = ConvertParams()
     mfcc: MfccParams = MfccParams()
     kmeans: KmeansParams = KmeansParams()
     units: UnitsParams = UnitsParams()
@@ -312,7 +327,8 @@ def validate(params: Params, where: str) -> None:
         (_is_range(params.demo.room_rt60, 0.05, 2.0), "demo.room_rt60 must be [] or [low, high] in [0.05, 2] s"),
         (_is_range(params.demo.noise_snr_db, -10, 100), "demo.noise_snr_db must be [] or [low, high] in [-10, 100] dB"),
     ]
-    checks += _extension_checks(params.manifest)
+    checks += _extension_checks("manifest.extension", params.manifest.extensions)
+    checks += _extension_checks("convert.extension", params.convert.extensions)
     for name in ("train_it1", "train_it2"):
         t: TrainParams = getattr(params, name)
         checks += [
@@ -332,14 +348,14 @@ def validate(params: Params, where: str) -> None:
             raise ParamsError(f"{where}: {message}")
 
 
-def _extension_checks(manifest: ManifestParams) -> list[tuple[bool, str]]:
+def _extension_checks(key: str, extensions: tuple[str, ...]) -> list[tuple[bool, str]]:
     from hubert_pipeline.audio import AUDIO_EXTENSIONS
 
     known = ", ".join(AUDIO_EXTENSIONS)
-    checks = [(len(manifest.extensions) > 0, "manifest.extension must name at least one extension")]
-    for ext in manifest.extensions:
+    checks = [(len(extensions) > 0, f"{key} must name at least one extension")]
+    for ext in extensions:
         checks += [
-            (ext.startswith("."), f"manifest.extension {ext!r} must start with '.'"),
-            (ext.lower() in AUDIO_EXTENSIONS, f"manifest.extension {ext!r} is not an audio extension ({known})"),
+            (ext.startswith("."), f"{key} {ext!r} must start with '.'"),
+            (ext.lower() in AUDIO_EXTENSIONS, f"{key} {ext!r} is not an audio extension ({known})"),
         ]
     return checks

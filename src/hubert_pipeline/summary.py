@@ -12,8 +12,11 @@
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
+
+from hubert_pipeline.tracking import checkout_uri
 
 ROWS = (("mfcc", "MFCC"), ("mfcc_at_k", "MFCC"), ("it1_best_layer", None), ("it2_best_layer", None))
 COLUMNS = ("k", "pnmi", "phone_purity", "cluster_purity", "abx_within", "abx_across")
@@ -42,7 +45,8 @@ def unit_table(table: dict[str, dict[str, Any]]) -> str:
 
 def goals(table: dict[str, dict[str, Any]], validation: dict[str, Any] | None) -> list[tuple[str, bool | None]]:
     """(goal, reached) of a run that learns; None where the figures are missing."""
-    pnmi = {key: table[key]["pnmi"] for key in ("mfcc_at_k", "it1_best_layer", "it2_best_layer") if key in table}
+    pnmi = {key: table[key]["pnmi"] for key in ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
+            if table.get(key, {}).get("pnmi") is not None}  # fmt: skip
     out: list[tuple[str, bool | None]] = []
     if len(pnmi) == 3:  # noqa: PLR2004
         k = table["mfcc_at_k"]["k"]
@@ -81,10 +85,16 @@ def summary(root: Path) -> str:
         parts += ["", "Goals of a run that learns:"]
         marks = {True: "yes", False: "NO", None: "?"}
         parts += [f"  [{marks[reached]}] {goal}" for goal, reached in goals(table, validation[1])]
-    db = (root / "mlruns" / "mlflow.db").resolve()
     parts += ["", "Compare the iterations in MLflow (loss and accuracy per step, validation, ABX per layer, PNMI):",
-              f"  uv run mlflow ui --backend-store-uri sqlite:///{db}   # then open http://127.0.0.1:5000"]  # fmt: skip
+              f"  {mlflow_ui_command(checkout_uri(root))}"]  # fmt: skip
     return "\n".join(parts)
+
+
+def mlflow_ui_command(uri: str) -> str:
+    """How to browse the store at `uri`: a tracking server is opened as it is, any other store through `mlflow ui`."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return f"open {uri}"
+    return f"uv run mlflow ui --backend-store-uri {shlex.quote(uri)}   # then open http://127.0.0.1:5000"
 
 
 def _short(value: float) -> float:
@@ -96,8 +106,9 @@ def experiment_summary(unit_quality: dict[str, dict[str, Any]], validate: dict[i
     summary = {}
     for it in sorted(validate):
         row = unit_quality[f"it{it}_best_layer"]
+        if row.get("pnmi") is not None:  # None without data.alignments
+            summary[f"pnmi{it}"] = _short(row["pnmi"])
         summary |= {
-            f"pnmi{it}": _short(row["pnmi"]),
             f"abx{it}": _short(row["abx_across"]),
             f"acc{it}": _short(validate[it]["best_accuracy"]),
             f"loss{it}": _short(validate[it]["best_loss"]),

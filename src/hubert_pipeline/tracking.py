@@ -119,6 +119,15 @@ def reading_uri(params: MlflowParams | None = None) -> str:
     return f"sqlite:///{db}"
 
 
+def checkout_uri(root: Path) -> str:
+    """The store of the checkout at `root` as its stages resolve it, nothing created: `MLFLOW_TRACKING_URI`, else
+    `mlflow.tracking_uri` of its params.yaml, else `sqlite:///<root>/mlruns/mlflow.db` (absolute)."""
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    params = _checkout_mlflow_params(root) if (root / "params.yaml").is_file() else MlflowParams()
+    return params.tracking_uri or f"sqlite:///{(root / 'mlruns' / 'mlflow.db').resolve()}"
+
+
 def _checkout_mlflow_params(root: Path) -> MlflowParams:
     import yaml
 
