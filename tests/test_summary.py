@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,31 @@ def test_without_alignments_the_summary_has_no_pnmi_and_no_pnmi_goal():
     validate = {1: {"best_accuracy": 0.05, "best_loss": 4.2}}
     assert experiment_summary(table, validate) == {"abx1": 20.0, "acc1": 0.05, "loss1": 4.2}
     assert [goal for goal, _ in goals(table, None)] == ["ABX across speakers: it1 best layer below MFCC"]
+
+
+def _write_results(root, pnmi: float, layer: int) -> None:
+    row = {"source": "MFCC", "k": 500, "pnmi": 0.6, "phone_purity": 0.5, "cluster_purity": 0.1, "abx_within": 1.0,
+           "abx_across": 20.0}  # fmt: skip
+    table = {"mfcc_at_k": row, "it1_best_layer": row | {"source": f"it1 layer {layer}", "pnmi": pnmi}}
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics" / "unit_quality.json").write_text(json.dumps(table))
+    (root / "outputs" / "abx" / "it1").mkdir(parents=True, exist_ok=True)
+    (root / "outputs" / "abx" / "it1" / "best_layer.json").write_text(json.dumps({"layer": layer}))
+
+
+def test_summary_of_a_revision_reads_its_files_not_the_workspaces(tmp_path, monkeypatch):
+    """`--rev` (a DVC experiment such as demo-long, or a commit) reads the results of that revision."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "params.yaml").write_text("mlflow:\n  tracking_uri: ''\n")
+    _write_results(tmp_path, 0.654, layer=1)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "results"], check=True)
+    _write_results(tmp_path, 0.321, layer=3)
+    assert "| it1 layer 3 | 500 | 0.321 |" in summary(tmp_path)
+    old = summary(tmp_path, rev="HEAD")
+    assert "| it1 layer 1 | 500 | 0.654 |" in old
+    assert "0.321" not in old
+    assert "Unit quality of HEAD" in old

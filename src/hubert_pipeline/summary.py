@@ -13,6 +13,7 @@
 import argparse
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,23 @@ HEADER = ("units", "k", "PNMI", "phone purity", "cluster purity", "ABX within %"
 
 def _read(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _reader(root: Path, rev: str | None) -> Callable[[str], dict[str, Any] | None]:
+    """Reads a project file of the workspace, or of a git revision or DVC experiment (`rev`, through DVC's API:
+    metrics from git, outputs from the DVC cache); None where it is missing."""
+    if rev is None:
+        return lambda relative: _read(root / relative)
+    import dvc.api
+    from dvc.exceptions import PathMissingError
+
+    def read(relative: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(dvc.api.read(relative, repo=str(root), rev=rev))
+        except (PathMissingError, FileNotFoundError):
+            return None
+
+    return read
 
 
 def _cell(value: Any) -> str:
@@ -74,11 +92,14 @@ def iteration_line(it: int, validation: dict[str, Any] | None, best_layer: dict[
     return line
 
 
-def summary(root: Path) -> str:
-    table = _read(root / "metrics" / "unit_quality.json")
-    validation = {it: _read(root / "metrics" / f"validate_it{it}.json") for it in (1, 2)}
-    layers = {it: _read(root / "outputs" / "abx" / f"it{it}" / "best_layer.json") for it in (1, 2)}
-    parts = ["Unit quality (valid split; metrics/unit_quality.json):", ""]
+def summary(root: Path, rev: str | None = None) -> str:
+    """The summary of the workspace's results, or of the git revision or DVC experiment `rev`."""
+    read = _reader(root, rev)
+    table = read("metrics/unit_quality.json")
+    validation = {it: read(f"metrics/validate_it{it}.json") for it in (1, 2)}
+    layers = {it: read(f"outputs/abx/it{it}/best_layer.json") for it in (1, 2)}
+    where = f" of {rev}" if rev else ""
+    parts = [f"Unit quality{where} (valid split; metrics/unit_quality.json):", ""]
     parts += [unit_table(table), ""] if table else ["(no unit_quality table yet: run `dvc repro`)", ""]
     parts += [iteration_line(it, validation[it], layers[it]) for it in (1, 2)]
     if table:
@@ -120,7 +141,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--root", type=Path, default=Path(), help="the project folder (where dvc.yaml is)")
-    print(summary(parser.parse_args().root))
+    parser.add_argument("--rev", help="a DVC experiment (e.g. demo-long) or git revision instead of the workspace")
+    args = parser.parse_args()
+    print(summary(args.root, args.rev))
 
 
 if __name__ == "__main__":
