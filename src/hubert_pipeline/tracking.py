@@ -25,6 +25,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+from hubert_pipeline import lineage
 from hubert_pipeline.params import MlflowParams
 
 logger = logging.getLogger(__name__)
@@ -271,13 +272,19 @@ def stage_run(
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
         experiment_id = _experiment_id(mlflow, mlflow_params.experiment, uri)
-    tags = run_tags(stage, iteration)
+    root = repo_root()
+    tags = run_tags(stage, iteration) | lineage.lineage_tags(root, stage, experiment_id, uri)
     name = run_name(stage)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+    system_metrics = True if lineage.system_metrics(stage) else None  # None: MLflow's own switch decides
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=name, tags=tags, log_system_metrics=system_metrics
+    ) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        lineage.log_manifests(root, stage)
         logger.info("MLflow run %s (%s) in %s", run.info.run_id, name, uri)
         yield run
+        lineage.tag_outputs(root, stage)
 
 
 def metric_logger(run_id: str, uri: str | None) -> Callable[[dict[str, float], int], None]:
@@ -302,6 +309,7 @@ def register_model(run_id: str, artifact_path: str, name: str, alias: str, tags:
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
+    tags = lineage.version_tags(repo_root(), run_id, int(tags["step"]) if "step" in tags else None) | tags
     try:
         client.create_registered_model(name)
     except MlflowException:  # already exists
