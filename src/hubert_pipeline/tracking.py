@@ -11,7 +11,8 @@ pipeline made its store, they fail with a message naming MLFLOW_TRACKING_URI.
 Each run records what ran (`run_tags`): the baseline commit (`git_revision`: DVC's experiment baseline, else HEAD),
 whether the code and config that ran differ from it (`git_dirty`, `git_changes`: queued experiments carry the
 workspace's uncommitted changes and their `-S` params), a digest of the library and stage code imported
-(`code_digest`), the checkout it was imported from (`code_root`) and the DVC experiment (`dvc_experiment`).
+(`code_digest`), the checkout it was imported from (`code_root`) and the DVC experiment (`dvc_experiment`); and
+what it read, by DVC's hashes, its datasets and system metrics (`hubert_pipeline.lineage`).
 """
 
 import contextlib
