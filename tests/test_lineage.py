@@ -38,13 +38,15 @@ with stage_run(stage, mlflow_params=MlflowParams(experiment="lineage"), iteratio
 
 CHECKPOINTS = "outputs/pretrain/it1/checkpoints"
 STAGES = {  # name: (outputs written, dvc.yaml deps, dvc.yaml outs)
-    "manifest": (["outputs/manifests/train.csv", "outputs/manifests/valid.csv"], [], ["outputs/manifests"]),
+    "manifest": (["outputs/manifests/train.csv", "outputs/manifests/valid.csv", "outputs/alignments/train.jsonl"], [],
+                 ["outputs/manifests", "outputs/alignments"]),  # a folder's train.jsonl: alignments, not a dataset
     "mfcc": (["outputs/features/mfcc/train/0.npy", "outputs/features/mfcc/train/1.npy",
               "outputs/features/mfcc/valid/0.npy"], ["outputs/manifests"], ["outputs/features/mfcc"]),
     "kmeans_it1": (["outputs/kmeans/it1/centroids.safetensors"], ["outputs/features/mfcc/train"],
                    ["outputs/kmeans/it1/centroids.safetensors"]),
     "units_it1": (["outputs/units/it1/train.jsonl", "outputs/units/it1/valid.jsonl"],
-                  ["outputs/manifests", "outputs/features/mfcc", "outputs/kmeans/it1/centroids.safetensors"],
+                  ["outputs/manifests", "outputs/features/mfcc", "outputs/kmeans/it1/centroids.safetensors",
+                   "outputs/alignments"],
                   ["outputs/units/it1"]),
     "pretrain_it1": ([f"{CHECKPOINTS}/step_00000001.pt", f"{CHECKPOINTS}/step_00000002.pt"],
                      ["outputs/units/it1/train.jsonl", "outputs/kmeans/it1/centroids.safetensors"], [CHECKPOINTS]),

@@ -212,14 +212,15 @@ def _rel(root: Path, path: Path) -> str:
 
 
 def manifests(root: Path, stage: str) -> list[Path]:
-    """The train/valid manifests among the dependencies of `stage`: files so named, or such files in a folder."""
+    """The train/valid manifests among the dependencies of `stage`: files so named (a units manifest, train.jsonl,
+    is named by its stage), or train.csv / valid.csv in a folder (a folder's JSONL files are alignments)."""
     found = []
     for dep in stage_deps(root, stage):
         path = root / dep
         if path.name in MANIFEST_NAMES:
             found.append(path)
         elif path.is_dir():
-            found += [path / name for name in MANIFEST_NAMES if (path / name).is_file()]
+            found += [path / name for name in MANIFEST_NAMES if name.endswith(".csv")]
     return [p for p in found if p.is_file()]
 
 
