@@ -151,13 +151,6 @@ def cache_dir(root: Path) -> Path:
     return root / ".dvc" / "cache"
 
 
-def dep_hashes(root: Path, stage: str) -> dict[str, str]:
-    """DVC's hash of each dependency of `stage` that another stage made (code and raw corpora are left out)."""
-    lock = Lock(root)
-    hashes = {dep: lock.hash(dep) for dep in stage_deps(root, stage)}
-    return {dep: h for dep, h in hashes.items() if h is not None}
-
-
 def _quote(value: str) -> str:
     return "'" + value.replace("'", "\\'") + "'"
 
