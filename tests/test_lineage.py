@@ -2,7 +2,6 @@
 logging through `stage_run`) whose stages write tiny files, so every hash can be checked against dvc.lock."""
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -90,9 +89,7 @@ def project(tmp_path_factory):
     return root, {r.data.tags["stage"]: r for r in runs}
 
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow  # the project: six DVC stages, each a process importing MLflow
 def test_every_run_is_tagged_with_the_hashes_dvc_lock_records_for_its_dependencies(project):
     root, runs = project
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
@@ -104,6 +101,7 @@ def test_every_run_is_tagged_with_the_hashes_dvc_lock_records_for_its_dependenci
     assert runs["kmeans_it1"].data.tags["dvc_dep/outputs/features/mfcc/train"].endswith(".dir")
 
 
+@pytest.mark.slow  # the project: six DVC stages, each a process importing MLflow
 def test_each_run_names_the_runs_of_the_stages_it_read_from(project):
     _, runs = project
     ids = {stage: run.info.run_id for stage, run in runs.items()}
@@ -117,6 +115,7 @@ def test_each_run_names_the_runs_of_the_stages_it_read_from(project):
     assert runs["kmeans_it1"].data.tags[f"dvc_out/{centroids}"] == md5(project[0] / centroids)
 
 
+@pytest.mark.slow  # the project: six DVC stages, each a process importing MLflow
 def test_the_manifests_a_run_reads_are_its_train_and_valid_datasets_with_dvcs_hash_as_digest(project):
     root, runs = project
     for stage, files in {"mfcc": ["outputs/manifests/train.csv", "outputs/manifests/valid.csv"],
@@ -130,6 +129,7 @@ def test_the_manifests_a_run_reads_are_its_train_and_valid_datasets_with_dvcs_ha
         assert contexts == {name: {"train": "training", "valid": "validation"}[name] for name in contexts}
 
 
+@pytest.mark.slow  # the project: six DVC stages, each a process importing MLflow
 def test_the_registered_version_names_its_training_units_and_kmeans_runs_and_its_checkpoint(project):
     root, runs = project
     version = mlflow.MlflowClient().get_model_version_by_alias("lineage-model", "it1")
@@ -143,6 +143,7 @@ def test_the_registered_version_names_its_training_units_and_kmeans_runs_and_its
     assert version.tags["step"] == "2"
 
 
+@pytest.mark.slow  # the project: six DVC stages, each a process importing MLflow
 def test_training_and_feature_runs_log_system_metrics_and_the_manifest_run_does_not(project):
     _, runs = project
     assert "system/cpu_utilization_percentage" in runs["pretrain_it1"].data.metrics
@@ -155,6 +156,8 @@ def test_the_cache_of_a_checkout_is_found_from_its_dvc_config(tmp_path):
     assert cache_dir(tmp_path) == tmp_path / ".dvc" / "cache"
     (tmp_path / ".dvc" / "config").write_text("[core]\n    remote = x\n[cache]\n    dir = ../../shared/cache\n")
     assert cache_dir(tmp_path) == (tmp_path / ".." / "shared" / "cache").resolve()
+    (tmp_path / ".dvc" / "config.local").write_text('[cache]\ndir = "/repo/.dvc/cache"\n')  # a queued experiment's
+    assert cache_dir(tmp_path) == Path("/repo/.dvc/cache")
 
 
 def test_stage_deps_resolve_params_the_way_dvc_does(tmp_path):
@@ -162,4 +165,3 @@ def test_stage_deps_resolve_params_the_way_dvc_does(tmp_path):
     (tmp_path / "params.yaml").write_text("data:\n  train: data/demo/train\n")
     assert stage_deps(tmp_path, "s") == ["data/demo/train", "a.py"]
     assert stage_deps(tmp_path, "missing") == []
-    assert json.loads("[]") == []

@@ -147,7 +147,7 @@ def cache_dir(root: Path) -> Path:
             continue
         section = re.search(r"^\[\s*cache\s*\]\s*$(.*?)(?=^\[|\Z)", text, flags=re.MULTILINE | re.DOTALL)
         if section and (match := re.search(r"^\s*dir\s*=\s*(.+?)\s*$", section.group(1), flags=re.MULTILINE)):
-            return (root / ".dvc" / match.group(1)).resolve()
+            return (root / ".dvc" / match.group(1).strip("\"'")).resolve()
     return root / ".dvc" / "cache"
 
 
