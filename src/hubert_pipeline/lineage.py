@@ -4,8 +4,9 @@ A stage runs under `dvc repro`, which writes its own entry of dvc.lock only afte
 before it are already recorded there. So a run is tagged, cheaply (dvc.lock and DVC's `.dir` listings are read,
 nothing large is hashed), with:
 
-- `dvc_stage`, and `dvc_dep/<path>` = DVC's hash of each of its dependencies that another stage made (an output of
-  that stage, a file or folder inside one: the value DVC records for the dependency in dvc.lock);
+- `dvc_stage`, `dvc_checkout` (the checkout it ran in: a queued experiment's copy), and `dvc_dep/<path>` = DVC's
+  hash of each of its dependencies that another stage made (an output of that stage, a file or folder inside one:
+  the value DVC records for the dependency in dvc.lock);
 - `upstream/<stage>` = the run id of the latest finished run of each stage it reads from, found by those hashes
   (and in the same checkout when there is one), so a chain of runs can be walked back from the UI;
 - `dvc_out/<path>` = the md5 of each small file the stage outputs (k-means centroids, best_layer.json), at its end.
@@ -30,6 +31,16 @@ CONTEXTS = {"train": "training", "valid": "validation"}
 SMALL_FILE = 64 << 20  # outputs up to this size get a `dvc_out/` md5 tag at the end of their run
 MAX_HASHED = 1 << 30  # a manifest not found in dvc.lock is hashed up to this size (a units JSONL of 960 h: 0.7 GB)
 SYSTEM_METRICS_STAGES = ("mfcc", "features_it", "kmeans_it", "units_it", "pretrain_it", "validate_it")
+
+
+def checkout(start: Path | None = None) -> Path:
+    """The checkout a stage runs in: the nearest folder from the current one up that holds a dvc.yaml (in a queued
+    experiment, its copy under .dvc/tmp/exps: DVC_ROOT names the user's workspace there), else the current one."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return here
 
 
 def _yaml(path: Path) -> dict[str, Any]:
@@ -157,14 +168,14 @@ def _quote(value: str) -> str:
 
 def upstream_run(client: Any, experiment_id: str, root: Path, stage: str, lock: Lock) -> str | None:
     """The latest finished run of `stage` whose recorded inputs (and small outputs) are those dvc.lock has for it:
-    in this checkout if there is one (parallel experiments of a sweep read the same inputs), else anywhere."""
+    in this checkout if there is one (the parallel experiments of a sweep read the same inputs), else anywhere."""
     wanted = {f"dvc_dep/{path}": md5 for path, md5 in lock.deps(stage).items() if lock.producer(path)}
     for out in stage_outs(root, stage):
         if out in lock.outs and not lock.outs[out][0].endswith(".dir"):
             wanted[f"dvc_out/{out}"] = lock.outs[out][0]
     base = [f"tags.stage = {_quote(stage)}", "attributes.status = 'FINISHED'"]
     base += [f"tags.`{key}` = {_quote(value)}" for key, value in wanted.items()]
-    for scope in ([f"tags.dvc_root = {_quote(str(root))}"], []):
+    for scope in ([f"tags.dvc_checkout = {_quote(str(root))}"], []):
         runs = client.search_runs(
             [experiment_id], " and ".join(base + scope), max_results=1, order_by=["attributes.start_time DESC"]
         )
@@ -178,7 +189,7 @@ def lineage_tags(root: Path, stage: str, experiment_id: str, uri: str) -> dict[s
     from mlflow import MlflowClient
 
     lock = Lock(root)
-    tags = {"dvc_stage": stage}
+    tags = {"dvc_stage": stage, "dvc_checkout": str(root)}
     upstream = set()
     for dep in stage_deps(root, stage):
         if (md5 := lock.hash(dep)) is not None and (found := lock.producer(dep)):

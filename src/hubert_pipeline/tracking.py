@@ -273,7 +273,7 @@ def stage_run(
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
         experiment_id = _experiment_id(mlflow, mlflow_params.experiment, uri)
-    root = repo_root()
+    root = lineage.checkout()
     tags = run_tags(stage, iteration) | lineage.lineage_tags(root, stage, experiment_id, uri)
     name = run_name(stage)
     system_metrics = True if lineage.system_metrics(stage) else None  # None: MLflow's own switch decides
@@ -310,7 +310,7 @@ def register_model(run_id: str, artifact_path: str, name: str, alias: str, tags:
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
-    tags = lineage.version_tags(repo_root(), run_id, int(tags["step"]) if "step" in tags else None) | tags
+    tags = lineage.version_tags(lineage.checkout(), run_id, int(tags["step"]) if "step" in tags else None) | tags
     try:
         client.create_registered_model(name)
     except MlflowException:  # already exists
