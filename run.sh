@@ -20,8 +20,8 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 # System packages: FFmpeg's libraries for torchcodec, festival and its voices for the demo corpus,
-# SLURM and munge for the slurm-marked tests.
-APT_PACKAGES=(ffmpeg festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts slurm-wlm munge)
+# SLURM and munge for the slurm-marked tests, PostgreSQL for a team's MLflow server (scripts/tracking_server.sh).
+APT_PACKAGES=(ffmpeg festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts slurm-wlm munge postgresql)
 
 install_system_packages() {
   local missing=()
@@ -121,6 +121,8 @@ case "$cmd" in
     uv run --frozen pytest                # the default suite (not gpu, not slurm)
     log "SLURM tests: a single-node cluster on loopback (slurm/local-cluster.sh)"
     uv run --frozen pytest -m slurm
+    log "tracking-server tests: PostgreSQL and an MLflow server on loopback (scripts/tracking_server.sh)"
+    uv run --frozen pytest -m server
     ;;
   *) usage; exit 2 ;;
 esac

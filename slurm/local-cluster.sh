@@ -58,7 +58,7 @@ start() {
     cp "$state/munge/munged.pid" "$state/munged.pid"
 
     local cpus mem_mb host
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc obeys OMP_NUM_THREADS: not the node size
     mem_mb=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
     host=$(hostname -s)
     cat >"$state/slurm.conf" <<EOF

@@ -1,3 +1,9 @@
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
 import wave
 from collections.abc import Generator
 from pathlib import Path
@@ -42,3 +48,37 @@ def one_thread() -> Generator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SERVER_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "tracking_server.sh"
+
+
+def server_available() -> str | None:
+    """Why scripts/tracking_server.sh cannot run here (no PostgreSQL, or not root), else None."""
+    if not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
+        return "no PostgreSQL (Debian's postgresql: bash run.sh setup)"
+    if os.geteuid() != 0:
+        return "not root (the database runs as the system user postgres)"
+    return None
+
+
+@contextlib.contextmanager
+def tracking_server(artifacts: Path | None = None) -> Generator[tuple[str, Path]]:
+    """An MLflow tracking server on PostgreSQL, on loopback, started and stopped by scripts/tracking_server.sh;
+    yields its http:// URI and its folder (in /tmp: the system user postgres cannot enter pytest's tmp_path)."""
+    if why := server_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"the tracking-server tests need PostgreSQL and root: {why}")
+        pytest.skip(why)
+    data = Path(tempfile.mkdtemp(prefix="hubert-pipeline-mlflow-"))
+    data.chmod(0o755)
+    args = ["--data", str(data)] + (["--artifacts", str(artifacts)] if artifacts else [])
+    out = subprocess.run(["bash", SERVER_SCRIPT, "start", *args], capture_output=True, text=True, check=False)
+    try:
+        assert out.returncode == 0, out.stdout + out.stderr
+        match = re.search(r"MLFLOW_TRACKING_URI=(\S+)", out.stdout)
+        assert match, out.stdout
+        yield match.group(1), data
+    finally:
+        subprocess.run(["bash", SERVER_SCRIPT, "stop", "--data", str(data)], check=False, capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)

@@ -116,6 +116,9 @@ def assert_ran_its_own_code(runs: dict, *, experiment: str, baseline: str, diges
         assert {"params.yaml", "src/hubert_pipeline/kmeans.py"} <= set(tags["git_changes"].split(", "))
         assert ".dvc/tmp/exps" in tags["code_root"], f"{stage} imported {tags['code_root']}"
         assert Path(tags["dvc_root"]) == workspace
+    kmeans = runs["kmeans_it1"].data.tags  # lineage read in the experiment's copy: its dvc.lock, the user's cache
+    assert kmeans["upstream/mfcc"] == runs["mfcc"].info.run_id
+    assert kmeans["dvc_dep/outputs/features/mfcc/train"].endswith(".dir")
 
 
 @pytest.mark.slow

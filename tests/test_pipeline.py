@@ -1,5 +1,6 @@
 """End to end: the real dvc.yaml in a temporary git repo, the whole pipeline on a tiny demo corpus, real MLflow."""
 
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from mlflow.entities import Run
 from test_experiments import TINY as REDUCED_TINY
 from test_experiments import reduced_project
 
@@ -132,6 +134,65 @@ def test_both_iterations_are_registered_and_load_from_the_registry(project):
     local = HuBERT.from_pretrained(project / "outputs" / "pretrain" / "it1" / "best")
     for (name, a), (_, b) in zip(loaded.state_dict().items(), local.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def dataset_inputs(run_id: str) -> list:
+    inputs = mlflow.MlflowClient().get_run(run_id).inputs
+    assert inputs is not None
+    return inputs.dataset_inputs
+
+
+def runs_by_stage(project: Path) -> dict[str, Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
+    return {
+        r.data.tags["stage"]: r for r in mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list")
+    }
+
+
+@pytest.mark.slow
+def test_every_run_is_tagged_with_the_hashes_dvc_lock_records_for_the_data_it_read(project):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for stage, run in runs_by_stage(project).items():
+        recorded = {d["path"]: d["md5"] for d in lock[stage]["deps"] if not d["path"].startswith(("src/", "stages/"))}
+        tagged = {k.removeprefix("dvc_dep/"): v for k, v in run.data.tags.items() if k.startswith("dvc_dep/")}
+        assert tagged == recorded, stage
+
+
+@pytest.mark.slow
+def test_runs_that_read_the_manifests_log_them_as_train_and_valid_datasets_digested_by_dvc(project):
+    runs = runs_by_stage(project)
+    both = ["outputs/manifests/train.csv", "outputs/manifests/valid.csv"]
+    read = {"mfcc": both, "units_it1": both, "units_it2": both, "unit_quality": both,
+            "features_it2": both[:1], "kmeans_it1": []}  # fmt: skip
+    for it in (1, 2):
+        read |= {f"pretrain_it{it}": [f"outputs/units/it{it}/train.jsonl"],
+                 f"validate_it{it}": [f"outputs/units/it{it}/valid.jsonl"]}  # fmt: skip
+    for stage, files in read.items():
+        inputs = dataset_inputs(runs[stage].info.run_id)
+        logged = {(i.dataset.name, i.dataset.digest) for i in inputs}
+        expected = {(Path(f).stem, hashlib.md5((project / f).read_bytes()).hexdigest()) for f in files}
+        assert logged == expected, stage
+
+
+@pytest.mark.slow
+def test_a_unit_file_traces_back_to_its_audio_kmeans_and_teacher_checkpoint_in_mlflow(project):
+    runs = runs_by_stage(project)
+    ids = {stage: run.info.run_id for stage, run in runs.items()}
+    units = runs["units_it2"].data.tags
+    assert units["upstream/manifest"] == ids["manifest"]  # the audio: data/demo hashed by DVC, probed there
+    assert units["upstream/kmeans_it2"] == ids["kmeans_it2"]
+    assert units["upstream/validate_it1"] == ids["validate_it1"]  # the teacher, registered as @it1
+    client = mlflow.MlflowClient()
+    for it in (1, 2):
+        version = client.get_model_version_by_alias("hubert-pipeline", f"it{it}")
+        best = json.loads((project / "metrics" / f"validate_it{it}.json").read_text())["best_step"]
+        assert version.run_id == ids[f"validate_it{it}"]
+        assert version.tags["checkpoint"] == f"outputs/pretrain/it{it}/checkpoints/step_{best:08d}.pt"
+        assert version.tags["train_run_id"] == ids[f"pretrain_it{it}"]
+        assert version.tags["kmeans_run_id"] == ids[f"kmeans_it{it}"]
+        assert version.tags["units_run_id"] == ids[f"units_it{it}"]
+        outs = yaml.safe_load((project / "dvc.lock").read_text())["stages"][f"units_it{it}"]["outs"]
+        assert version.tags["units"] == next(o["md5"] for o in outs if o["path"] == f"outputs/units/it{it}")
 
 
 @pytest.mark.slow

@@ -12,10 +12,12 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tracking_server
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = Path("/tmp/hubert-pipeline-slurm")  # where slurm/profiles/local-test.yaml expects the cluster
@@ -31,8 +33,8 @@ TINY = {
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))} | (env or {})
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, check=False)
     if check:
         assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
@@ -120,7 +122,12 @@ def test_units_it1_through_slurm_equal_the_local_executor(projects):
 def test_two_task_training_job_runs_ddp_and_equals_two_local_processes(projects):
     local, on_slurm, _ = projects
     run(["dvc", "repro", "pretrain_it1"], local)
-    out = run(["dvc", "repro", "pretrain_it1"], on_slurm)
+    with tracking_server() as (uri, _):  # the job logs to a team's server (PostgreSQL) over HTTP
+        out = run(["dvc", "repro", "pretrain_it1"], on_slurm, env={"MLFLOW_TRACKING_URI": uri})
+        mlflow.set_tracking_uri(uri)
+        (train,) = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list")
+        history = mlflow.MlflowClient().get_metric_history(train.info.run_id, "train_loss")
+        assert [m.step for m in history] == [2, 4, 6, 8]  # logged by rank 0 of the SLURM job
     assert "1 node(s) x 2 task(s)" in out.stdout + out.stderr
     logs = job_logs(on_slurm, "pretrain_it1")
     assert len(logs) == 2  # two tasks of one job

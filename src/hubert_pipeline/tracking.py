@@ -11,7 +11,8 @@ pipeline made its store, they fail with a message naming MLFLOW_TRACKING_URI.
 Each run records what ran (`run_tags`): the baseline commit (`git_revision`: DVC's experiment baseline, else HEAD),
 whether the code and config that ran differ from it (`git_dirty`, `git_changes`: queued experiments carry the
 workspace's uncommitted changes and their `-S` params), a digest of the library and stage code imported
-(`code_digest`), the checkout it was imported from (`code_root`) and the DVC experiment (`dvc_experiment`).
+(`code_digest`), the checkout it was imported from (`code_root`) and the DVC experiment (`dvc_experiment`); and
+what it read, by DVC's hashes, its datasets and system metrics (`hubert_pipeline.lineage`).
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
+from hubert_pipeline import lineage
 from hubert_pipeline.params import MlflowParams
 
 logger = logging.getLogger(__name__)
@@ -271,13 +273,19 @@ def stage_run(
     mlflow.set_tracking_uri(uri)
     with _store_lock(uri):
         experiment_id = _experiment_id(mlflow, mlflow_params.experiment, uri)
-    tags = run_tags(stage, iteration)
+    root = lineage.checkout()
+    tags = run_tags(stage, iteration) | lineage.lineage_tags(root, stage, experiment_id, uri)
     name = run_name(stage)
-    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as run:
+    system_metrics = True if lineage.system_metrics(stage) else None  # None: MLflow's own switch decides
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=name, tags=tags, log_system_metrics=system_metrics
+    ) as run:
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        lineage.log_manifests(root, stage)
         logger.info("MLflow run %s (%s) in %s", run.info.run_id, name, uri)
         yield run
+        lineage.tag_outputs(root, stage)
 
 
 def metric_logger(run_id: str, uri: str | None) -> Callable[[dict[str, float], int], None]:
@@ -302,6 +310,7 @@ def register_model(run_id: str, artifact_path: str, name: str, alias: str, tags:
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
+    tags = lineage.version_tags(lineage.checkout(), run_id, int(tags["step"]) if "step" in tags else None) | tags
     try:
         client.create_registered_model(name)
     except MlflowException:  # already exists
