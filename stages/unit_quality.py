@@ -65,13 +65,15 @@ if __name__ == "__main__":
                          gpu=True)  # fmt: skip
         save_centroids(centroids, result, metadata)
 
-    def it2_model_units() -> None:  # the it2 model's best layer: features of the fitting subset, k-means, units
+    def it2_model_centroids() -> None:  # the it2 model's best layer: features of the fitting subset, k-means
         extract_layer_features(
             str(Path(args.manifests) / "train.csv"), work / "features", teacher=args.model_it2, layer=layer,
             fit_fraction=params.kmeans.fit_fraction, seed=params.kmeans.seed, num_shards=it2.num_shards,
             dtype=it2.dtype, normalize=params.train_it2.normalize, execution=params.execution,
         )  # fmt: skip
         fit(work / "features", work / "centroids.safetensors", 1.0, {"iteration": "3", "layer": str(layer)})
+
+    def it2_model_units() -> None:  # its units of the valid split
         stream_units_for_split(
             Path(args.manifests) / "valid.csv", work / "valid.jsonl", teacher=args.model_it2, layer=layer,
             centroids=work / "centroids.safetensors", num_shards=it2.num_shards, normalize=params.train_it2.normalize,
@@ -81,6 +83,7 @@ if __name__ == "__main__":
     with stage_run("unit_quality", mlflow_params=params.mlflow, params={"kmeans.k": params.kmeans.k}, iteration=2):
         work.mkdir(parents=True, exist_ok=True)
         mfcc_at_k, it3 = {}, {}
+        it2_model_centroids()  # also without alignments: register_units_it2's unit encoder uses them
         if params.data.alignments:  # else no unit metrics: the table holds k and ABX only
             alignments = Path(params.data.alignments) / "valid.jsonl"
             fit(Path(args.mfcc) / "train", work / "mfcc_centroids.safetensors", cfg.fit_fraction, {"source": "mfcc"})
