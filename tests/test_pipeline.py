@@ -348,7 +348,13 @@ def test_without_alignments_the_whole_pipeline_reruns_its_unit_stages_and_report
     no_alignments(project / "params.yaml")
     try:
         out = run(["dvc", "repro"], project).stdout
-        assert set(re.findall(r"Running stage '(\w+)'", out)) == {"units_it1", "units_it2", "unit_quality"}, out
+        ran = set(re.findall(r"Running stage '(\w+)'", out))
+        # register_units_it2 only if unit_quality's it2 centroids (made with or without alignments) changed
+        assert (
+            {"units_it1", "units_it2", "unit_quality"}
+            <= ran
+            <= {"units_it1", "units_it2", "unit_quality", "register_units_it2"}
+        ), out
         table = json.loads((project / "metrics" / "unit_quality.json").read_text())
         for row in table.values():
             assert row["pnmi"] is None
