@@ -1,5 +1,6 @@
 """hubert-encode: units of a folder, tar, manifest or file; the units stage's units; resume; the output formats."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,24 +15,26 @@ import pytest
 import torch
 from conftest import tone, write_wav
 from safetensors import safe_open
+from torch.testing import assert_close
 
+from hubert_pipeline.audio import AudioSource, load_audio
 from hubert_pipeline.compat import save_native
-from hubert_pipeline.encode import encode, read_units_file
+from hubert_pipeline.encode import encode, length_batches, read_units_file
 from hubert_pipeline.kmeans import KMeansResult, save_centroids
 from hubert_pipeline.manifest import build_manifest, write_csv
 from hubert_pipeline.model import HuBERT, HubertConfig
 from hubert_pipeline.params import ExecutionParams
-from hubert_pipeline.unit_encoder import EncoderParts, UnitEncoder, deduplicate, sha256_of
+from hubert_pipeline.unit_encoder import EncoderParts, UnitEncoder, deduplicate, layer_output, layer_outputs, sha256_of
 from hubert_pipeline.units import read_units, stream_units_for_split
 
 LAYER, K = 2, 12
 CPU = ExecutionParams(workers=1, device="cpu")
 
 
-def make_encoder_parts(root: Path) -> EncoderParts:
+def make_encoder_parts(root: Path, frontend: str = "log_mel") -> EncoderParts:
     """A tiny random model and centroids drawn from its layer outputs on a tone."""
     torch.manual_seed(0)
-    model = HuBERT(HubertConfig.preset("tiny", frontend="log_mel")).eval()
+    model = HuBERT(HubertConfig.preset("tiny", frontend=frontend)).eval()
     save_native(model, root / "checkpoint")
     with torch.no_grad():
         frames = model.get_intermediate_outputs(torch.tensor(tone(2.0), dtype=torch.float32)[None], num_layers=LAYER,
@@ -116,6 +119,47 @@ def test_deduplicated_units_have_durations_that_sum_to_the_frame_count(tmp_path,
     assert [int(d.sum()) for d in binary["durations"]] == [len(full[f]["units"]) for f in binary["fileids"]]
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("frontend", ["conv", "log_mel"])
+def test_a_files_features_and_units_are_the_same_alone_and_in_a_padded_batch(tmp_path, corpus, frontend, normalize,
+                                                                             one_thread):  # fmt: skip
+    parts = dataclasses.replace(make_encoder_parts(tmp_path, frontend), normalize=normalize)
+    encoder = UnitEncoder.load(parts)
+    waveforms = [load_audio(AudioSource(str(path))) for path in sorted(corpus.iterdir())]
+    assert len({len(w) for w in waveforms}) == len(waveforms)  # every file padded but the longest
+    batched = layer_outputs(encoder.model, waveforms, LAYER, normalize=normalize)
+    for waveform, features in zip(waveforms, batched, strict=True):
+        assert_close(features, layer_output(encoder.model, waveform, LAYER, normalize=normalize))
+    alone, together = [encoder.units(w) for w in waveforms], encoder.units_batch(waveforms)
+    assert [len(u) for u in together] == [len(u) for u in alone]
+    same = sum(int((a == b).sum()) for a, b in zip(alone, together, strict=True))
+    assert same >= 0.999 * sum(len(u) for u in alone)
+
+
+def test_length_batches_sort_by_length_and_keep_size_times_longest_within_the_budget():
+    seconds = [3.0, 1.0, 0.5, 2.0, 0.5, 9.0]
+    lengths = [int(s * 16_000) for s in seconds]
+    assert length_batches(lengths, 4.0) == [[2, 4, 1], [3], [0], [5]]  # 3 x 1 s; 2 x 2 s and 2 x 3 s are over 4 s
+    assert length_batches(lengths, 0.0) == [[i] for i in range(len(lengths))]
+    assert length_batches(lengths, 100.0) == [[2, 4, 1, 3, 0, 5]]
+
+
+def test_batched_encode_writes_the_one_by_one_units_in_file_order_and_records_the_option(tmp_path, parts, corpus,
+                                                                                       one_thread):  # fmt: skip
+    one_by_one = run_encode(corpus, tmp_path / "one", parts, chunk_files=3)
+    meta = run_encode(corpus, tmp_path / "batched", parts, chunk_files=3, batch_seconds=2.5)
+    assert "batch_seconds" not in one_by_one
+    assert meta["batch_seconds"] == 2.5
+    assert {k: v for k, v in meta.items() if k != "batch_seconds"} == one_by_one
+    expected, found = jsonl(tmp_path / "one" / "units.jsonl"), jsonl(tmp_path / "batched" / "units.jsonl")
+    assert list(found) == list(expected)
+    for fid, row in expected.items():
+        same = sum(a == b for a, b in zip(row["units"], found[fid]["units"], strict=True))
+        assert same >= 0.999 * len(row["units"]), fid
+    with pytest.raises(ValueError, match="holds units of another model, centroids, layer, options"):
+        run_encode(corpus, tmp_path / "batched", parts, chunk_files=3)
+
+
 def test_deduplicate_of_nothing_and_of_one_run():
     values, durations = deduplicate(np.array([], dtype=np.int64))
     assert len(values) == len(durations) == 0
@@ -144,8 +188,6 @@ def test_resampled_input_gives_the_units_of_the_file_converted_first(tmp_path, p
     with pytest.raises(ValueError, match="expected mono 16000 Hz"):
         run_encode(tmp_path / "in", tmp_path / "refused", parts)
     run_encode(tmp_path / "in", tmp_path / "out", parts, resample=True, downmix=True)
-    from hubert_pipeline.audio import AudioSource, load_audio
-
     encoder = UnitEncoder.load(parts)
     expected = encoder.units(load_audio(AudioSource(str(tmp_path / "in" / "a.wav"), resample=True, downmix=True)))
     assert jsonl(tmp_path / "out" / "units.jsonl")["a"]["units"] == expected.tolist()
@@ -207,6 +249,7 @@ def test_the_console_script_shows_its_help_and_names_a_bad_input_without_a_trace
     shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True).stdout
     assert "units.safetensors" in shown
     assert "--deduplicate" in shown
+    assert "--batch-seconds" in shown
     bad = subprocess.run([str(script), str(tmp_path / "nothing"), str(tmp_path / "out"), "--model", parts.checkpoint],
                          capture_output=True, text=True, check=False)  # fmt: skip
     assert bad.returncode != 0

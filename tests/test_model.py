@@ -282,16 +282,21 @@ def test_log_mel_frame_i_sees_the_audio_from_sample_320_i_only():
     assert not torch.allclose(before[:, 11], after[:, 11])
 
 
+def zero_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random waveforms of these lengths, zero-padded into one (B, longest) batch, and their lengths (B,)."""
+    torch.manual_seed(seed)
+    waveforms = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        waveforms[i, :n] = torch.randn(n)
+    return waveforms, torch.tensor(lengths)
+
+
 @pytest.mark.parametrize("frontend", ["conv", "log_mel"])
 def test_a_files_loss_is_the_same_alone_and_padded_in_a_batch_of_other_lengths(frontend):
     # Conv layer 0's GroupNorm normalises over time: a padded file would be scored on other statistics than alone.
     model = seeded(HuBERTPretrain, tiny(frontend=frontend, encoder_dropout=0.0, encoder_attention_dropout=0.0,
                                         encoder_projection_dropout=0.0), NUM_CLASSES).eval()  # fmt: skip
-    torch.manual_seed(1)
-    lengths = torch.tensor([16_000, 9_600, 12_800])
-    waveforms = torch.zeros(3, 16_000)
-    for i, n in enumerate(lengths):
-        waveforms[i, :n] = torch.randn(int(n))
+    waveforms, lengths = zero_padded([16_000, 9_600, 12_800])
     frames = torch.tensor([model_frames(int(n)) for n in lengths])
     labels = torch.randint(NUM_CLASSES, (3, int(frames.max())))
     padding = torch.arange(labels.shape[1]) >= frames[:, None]
@@ -302,3 +307,40 @@ def test_a_files_loss_is_the_same_alone_and_padded_in_a_batch_of_other_lengths(f
         alone = [model(waveforms[i : i + 1, :n], labels[i : i + 1, : frames[i]], mask=mask[i : i + 1, : frames[i]],
                        attention_mask=None)[0] for i, n in enumerate(lengths)]  # fmt: skip
     assert_close(batch_loss, torch.cat(alone), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("frontend", "extractor_mode"), [("conv", "group_norm"), ("conv", "layer_norm"),
+                                                          ("log_mel", "group_norm")])  # fmt: skip
+def test_a_files_layer_outputs_are_the_same_alone_and_inside_a_padded_batch_of_other_lengths(frontend, extractor_mode):
+    # The group-norm extractor normalises conv layer 0 over time; padded frames would also leak into the positional
+    # convolution and the attention of the file's own frames without the mask made from `lengths`.
+    model = seeded(HuBERT, tiny(frontend=frontend, extractor_mode=extractor_mode)).eval()
+    waveforms, lengths = zero_padded([16_123, 9_731, 400, 12_800])
+    with torch.no_grad():
+        batch = model.get_intermediate_outputs(waveforms, lengths=lengths, before_residual=False)
+        for i, n in enumerate(lengths.tolist()):
+            alone = model.get_intermediate_outputs(waveforms[i : i + 1, :n], before_residual=False)
+            assert int(model.frame_mask(lengths, waveforms.shape[1])[i].sum()) == alone[0].shape[1] == model_frames(n)
+            for layer, (padded, own) in enumerate(zip(batch, alone, strict=True)):
+                assert_close(padded[i, : own.shape[1]], own[0], msg=lambda m, at=(i, layer): f"file, layer {at}: {m}")
+
+
+def test_the_gpu_path_normalises_conv_layer_0_over_each_files_own_frames_like_the_cpu_path_alone():
+    # On a CPU a padded batch goes through the group-norm extractor one file at a time; elsewhere in one pass.
+    model = seeded(HuBERT, tiny()).train()
+    waveforms, lengths = zero_padded([16_123, 9_731, 400, 12_800])
+    found = {}
+    for name, path in (("batch", model._group_norm_per_waveform), ("alone", model._one_by_one)):
+        model.zero_grad()
+        features = path(waveforms, lengths)
+        features.pow(2).sum().backward()
+        found[name] = features.detach(), [p.grad.clone() for p in model.feature_extractor.parameters()]
+    assert_close(found["batch"][0], found["alone"][0])
+    for batched, alone in zip(found["batch"][1], found["alone"][1], strict=True):
+        assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_padded_batch_of_waveforms_shorter_than_the_receptive_field_is_refused():
+    waveforms, lengths = zero_padded([8_000, 399])
+    with pytest.raises(ValueError, match="399 samples: at least 400"):
+        HuBERT(tiny()).eval().get_intermediate_outputs(waveforms, lengths=lengths)

@@ -109,6 +109,22 @@ class LogMelFrontEnd(nn.Module):
         return mel.reshape(batch, frames, 2 * self.mel_bins)
 
 
+def masked_group_norm(x: Tensor, frames: Tensor, norm: nn.GroupNorm) -> Tensor:
+    """`norm` (one group per channel) over each item's first `frames` (B,) frames only: (B, C, T) -> (B, C, T).
+
+    In float32, as autocast runs group_norm; the frames past an item's own are normalised with its statistics.
+    Sums as matrix products and a norm: no more (B, C, T) temporaries than two (memory-bound on a CPU).
+    """
+    x = x.float()
+    own = (torch.arange(x.shape[-1], device=x.device) < frames[:, None]).unsqueeze(-1).float()  # (B, T, 1)
+    count = frames.to(x)[:, None, None]
+    mean = torch.bmm(x, own) / count  # (B, C, 1)
+    centred = (x - mean).mul_(own.transpose(1, 2))  # zero past each item's frames
+    var = torch.linalg.vector_norm(centred, dim=-1, keepdim=True).square() / count
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.float()[:, None]
+    return torch.addcmul(norm.bias.float()[:, None] - mean * scale, x, scale)
+
+
 def _front_end(cfg: HubertConfig) -> nn.Module:
     if cfg.frontend == "log_mel":
         return LogMelFrontEnd(cfg.mel_bins, cfg.conv_layers)
@@ -179,45 +195,77 @@ class HuBERT(nn.Module):
         """(B, T) audio -> (B, frames, C) front-end features.
 
         `lengths` (B,) gives each waveform's samples in a zero-padded batch. The group-norm extractor normalises
-        over time, so there each padded waveform goes through it alone and its features are the ones it would get
-        unpadded (fairseq crops batches instead); padded frames get zeros.
+        over time: there each waveform goes through it alone (CPU), or conv layer 0 is normalised over each waveform's
+        own frames only (GPU), so its features are the ones it would get unpadded (fairseq crops batches instead);
+        padded frames get zeros. The other front ends' frames see only their own samples (and zeros past the end, as
+        unpadded).
         """
         if waveforms.ndim != 2:  # noqa: PLR2004
             raise ValueError(f"waveforms must be (batch, samples), got shape {tuple(waveforms.shape)}")
-        if waveforms.shape[1] < self.receptive_field:
-            raise ValueError(f"waveforms of {waveforms.shape[1]} samples: at least {self.receptive_field} needed")
+        shortest = waveforms.shape[1] if lengths is None else int(lengths.min())
+        if shortest < self.receptive_field:
+            raise ValueError(f"waveforms of {shortest} samples: at least {self.receptive_field} needed")
         if self.config.frontend == "log_mel":
             return self.feature_extractor(waveforms)
         mult = self.config.feature_grad_mult
         with nullcontext() if mult != 0.0 else torch.no_grad():
-            if self._needs_one_by_one(waveforms, lengths):
-                x = self._one_by_one(waveforms, cast("Tensor", lengths))
+            if self.config.extractor_mode == "group_norm" and self._padded(waveforms, lengths):
+                # On a CPU the extractor is memory-bound: a padded batch is no faster than one waveform at a time,
+                # and slower when large (docs/benchmarks.md, units in padded batches); a GPU takes one pass.
+                per_waveform = self._one_by_one if waveforms.device.type == "cpu" else self._group_norm_per_waveform
+                x = per_waveform(waveforms, cast("Tensor", lengths))
             else:
                 x = self.feature_extractor(waveforms)  # (B, frames, C)
         return GradMultiply.apply(x, mult) if mult not in {0.0, 1.0} and torch.is_grad_enabled() else x
 
-    def _needs_one_by_one(self, waveforms: Tensor, lengths: Tensor | None) -> bool:
-        return (
-            self.config.extractor_mode == "group_norm"
-            and lengths is not None
-            and bool((lengths != waveforms.shape[1]).any())
-        )
+    @staticmethod
+    def _padded(waveforms: Tensor, lengths: Tensor | None) -> bool:
+        return lengths is not None and bool((lengths != waveforms.shape[1]).any())
 
     def _one_by_one(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
         feats = [self.feature_extractor(w[None, : int(n)])[0] for w, n in zip(waveforms, lengths, strict=True)]
         frames = conv_frames(waveforms.shape[1], self.config.conv_layers)
         return torch.stack([F.pad(f, (0, 0, 0, frames - f.shape[0])) for f in feats])  # (B, frames, C)
 
-    def forward(self, waveforms: Tensor, *, attention_mask: Tensor | None = None) -> Tensor:
-        """(B, T) audio -> (B, frames, D). `attention_mask`: bool (B, 1, 1, frames), True on real frames (spidr's)."""
-        x = self.feature_projection(self._conv_features(waveforms))  # (B, frames, D)
-        return self.encoder(x, attention_mask)
+    def _group_norm_per_waveform(self, waveforms: Tensor, lengths: Tensor) -> Tensor:
+        """The group-norm extractor on a padded batch, conv layer 0 normalised over each waveform's own frames."""
+        first, *rest = cast("list[ConvLayerBlock]", list(cast("FeatureExtractor", self.feature_extractor).conv_layers))
+        x = first.conv(waveforms.unsqueeze(1))  # (B, C, frames of layer 0)
+        own = (lengths.to(x.device) - first.kernel_size) // first.stride + 1  # (B,)
+        x = F.gelu(masked_group_norm(x, own, cast("nn.GroupNorm", first.layer_norm)))
+        for block in rest:
+            x = block(x)
+        x = x.transpose(1, 2)  # (B, frames, C)
+        return x * self.frame_mask(lengths, waveforms.shape[1]).to(x.device).unsqueeze(-1)
+
+    def frame_mask(self, lengths: Tensor, num_samples: int) -> Tensor:
+        """(B, frames) bool, True on each waveform's own frames: `lengths` (B,) samples in a batch of `num_samples`."""
+        layers = self.config.conv_layers
+        own = torch.tensor([conv_frames(int(n), layers) for n in lengths.tolist()], device=lengths.device)
+        return torch.arange(conv_frames(num_samples, layers), device=lengths.device) < own[:, None]
+
+    def _attention_mask(self, waveforms: Tensor, lengths: Tensor | None, given: Tensor | None) -> Tensor | None:
+        if given is not None or not self._padded(waveforms, lengths):
+            return given
+        return self.frame_mask(cast("Tensor", lengths), waveforms.shape[1])[:, None, None, :].to(waveforms.device)
+
+    def forward(
+        self, waveforms: Tensor, *, attention_mask: Tensor | None = None, lengths: Tensor | None = None
+    ) -> Tensor:
+        """(B, T) audio -> (B, frames, D). `attention_mask`: bool (B, 1, 1, frames), True on real frames (spidr's).
+
+        `lengths` (B,): samples of each waveform in a zero-padded batch; the attention mask is made from them unless
+        given. Each waveform's frames are then those it gets alone, up to float rounding.
+        """
+        x = self.feature_projection(self._conv_features(waveforms, lengths))  # (B, frames, D)
+        return self.encoder(x, self._attention_mask(waveforms, lengths, attention_mask))
 
     def get_intermediate_outputs(
         self,
         waveforms: Tensor,
         *,
         attention_mask: Tensor | None = None,
+        lengths: Tensor | None = None,
         num_layers: int | None = None,
         before_residual: bool = True,
     ) -> list[Tensor]:
@@ -225,9 +273,11 @@ class HuBERT(nn.Module):
 
         `before_residual=True` gives each layer's feed-forward output before its residual (minimal_hubert's and
         spidr's default); `False` gives the layer outputs, as fairseq's `extract_features(output_layer=n)`.
+        `lengths` and `attention_mask` as in `forward`.
         """
-        x = self.feature_projection(self._conv_features(waveforms))
-        return self.encoder.get_intermediate_outputs(x, attention_mask, num_layers, before_residual=before_residual)
+        x = self.feature_projection(self._conv_features(waveforms, lengths))
+        mask = self._attention_mask(waveforms, lengths, attention_mask)
+        return self.encoder.get_intermediate_outputs(x, mask, num_layers, before_residual=before_residual)
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, trust_pickle: bool = False) -> Self:

@@ -2,7 +2,9 @@
 
 The one code path of units from audio: the units stages (`layer_features.stream_units_shard`), the CLI
 (`python -m hubert_pipeline.encode`) and the registered MLflow model (`hubert_pipeline.units_pyfunc`) all call
-`UnitEncoder.units`, so the same audio, model, layer and centroids give the same units everywhere.
+`UnitEncoder.units`, so the same audio, model, layer and centroids give the same units everywhere. The CLI's
+`--batch-seconds` forwards files in padded batches through `UnitEncoder.units_batch`, the same code (`units` is
+`units_batch` of one file): units equal up to float rounding near a boundary between two centroids.
 
 An encoder is three parts (`EncoderParts`): a checkpoint (any layout `HuBERT.from_pretrained` reads), a layer
 (1-based, transformer layer outputs as fairseq's `output_layer`) and a centroids file (`kmeans.save_centroids`),
@@ -46,12 +48,24 @@ def load_teacher(source: str, layer: int, device: str) -> "tuple[HuBERT, torch.d
 
 
 @torch.no_grad()
+def layer_outputs(model: "HuBERT", waveforms: list[torch.Tensor], layer: int, *, normalize: bool) -> list[torch.Tensor]:
+    """(frames, D) output of transformer layer `layer` (1-based) for each waveform (T,), in one zero-padded batch.
+
+    Each waveform is normalised over its own samples, and the model masks the padding (`lengths`): a file's output is
+    the one it gets alone, up to float rounding (tests/test_encode.py). One waveform is forwarded as it is.
+    """
+    if normalize:
+        waveforms = [torch.nn.functional.layer_norm(w, w.shape) for w in waveforms]
+    lengths = torch.tensor([len(w) for w in waveforms])
+    batch = torch.nn.utils.rnn.pad_sequence(waveforms, batch_first=True)  # (B, longest)
+    outputs = model.get_intermediate_outputs(batch, lengths=lengths, num_layers=layer, before_residual=False)
+    frames = model.frame_mask(lengths, batch.shape[1]).sum(1).tolist()
+    return [x[:n].float() for x, n in zip(outputs[layer - 1], frames, strict=True)]
+
+
 def layer_output(model: "HuBERT", waveform: torch.Tensor, layer: int, *, normalize: bool) -> torch.Tensor:
     """(frames, D) output of transformer layer `layer` (1-based) for one waveform (T,)."""
-    if normalize:
-        waveform = torch.nn.functional.layer_norm(waveform, waveform.shape)
-    outputs = model.get_intermediate_outputs(waveform[None], num_layers=layer, before_residual=False)
-    return outputs[layer - 1][0].float()
+    return layer_outputs(model, [waveform], layer, normalize=normalize)[0]
 
 
 @dataclass(frozen=True)
@@ -112,10 +126,20 @@ class UnitEncoder:
 
     def units(self, waveform: torch.Tensor) -> np.ndarray:
         """(samples,) 16 kHz float waveform → (frames,) int64 units."""
+        return self.units_batch([waveform])[0]
+
+    def units_batch(self, waveforms: list[torch.Tensor]) -> list[np.ndarray]:
+        """The units of each waveform, forwarded together as one zero-padded batch (`layer_outputs`).
+
+        A file's units are those it gets alone except where float rounding moves a frame across the boundary of
+        two nearly equidistant centroids (docs/benchmarks.md: measured on the demo corpus).
+        """
         from hubert_pipeline.kmeans import predict
 
-        features = layer_output(self.model, waveform.to(self.device), self.layer, normalize=self.normalize)
-        return predict(features, self.centroids).cpu().numpy()
+        features = layer_outputs(self.model, [w.to(self.device) for w in waveforms], self.layer,
+                                 normalize=self.normalize)  # fmt: skip
+        units = predict(torch.cat(features), self.centroids).cpu().numpy()
+        return np.split(units, np.cumsum([len(f) for f in features[:-1]]))
 
     def units_of(self, source: "AudioSource | str | Path") -> np.ndarray:
         """Units of an audio file (read as every stage reads it: `audio.load_audio`)."""
