@@ -119,6 +119,22 @@ def test_units_it1_through_slurm_equal_the_local_executor(projects):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+def test_encode_as_a_slurm_array_equals_the_local_encode(projects, tmp_path):
+    from test_encode import make_encoder_parts
+
+    _, on_slurm, _ = projects
+    parts = make_encoder_parts(tmp_path / "encoder")
+    common = [sys.executable, "-m", "hubert_pipeline.encode", "data/demo/wav/train", "--model", parts.checkpoint,
+              "--layer", str(parts.layer), "--centroids", parts.centroids, "--chunk-files", "2"]  # fmt: skip
+    run([*common, str(tmp_path / "local"), "--workers", "1"], on_slurm)
+    out = run([*common, str(tmp_path / "slurm"), "--executor", "slurm", "--shards", "3"], on_slurm)
+    assert "submitted 3 task(s) as SLURM job" in out.stdout + out.stderr
+    assert (tmp_path / "slurm" / "units.jsonl").read_text() == (tmp_path / "local" / "units.jsonl").read_text()
+    meta = [json.loads((tmp_path / d / "meta.json").read_text()) for d in ("local", "slurm")]
+    assert meta[0]["files"] == meta[1]["files"] > 6  # more files than three 2-file chunks
+    assert meta[0]["provenance"] == meta[1]["provenance"]
+
+
 def test_two_task_training_job_runs_ddp_and_equals_two_local_processes(projects):
     local, on_slurm, _ = projects
     run(["dvc", "repro", "pretrain_it1"], local)
