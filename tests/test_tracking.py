@@ -1,4 +1,5 @@
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def test_stage_runs_reach_a_tracking_server_on_loopback(tmp_path, monkeypatch):
             "--workers", "1",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        start_new_session=True,  # its workers in one process group, stopped together
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 90
@@ -80,9 +82,13 @@ def test_stage_runs_reach_a_tracking_server_on_loopback(tmp_path, monkeypatch):
             mlflow.log_metric("train_files", 3)
         runs = mlflow.search_runs(experiment_names=["srv"], output_format="list")
         assert [r.data.metrics["train_files"] for r in runs] == [3.0]
-    finally:
-        server.terminate()
-        server.wait(30)
+    finally:  # the server and its workers: SIGTERM, then SIGKILL if they linger (slow to stop under load)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
 
 
 def commit_all(root):
