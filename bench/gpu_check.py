@@ -249,6 +249,10 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=Path("gpu_check.md"), help="Markdown report (+ .json)")
     parser.add_argument("--dry-run", action="store_true", help="on the CPU, tiny sizes, no compile: the plumbing")
     args = parser.parse_args()
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():  # before minutes of subprocesses that would all fail
+        parser.exit(2, "gpu_check.py: no CUDA device here: run it on a GPU machine, or --dry-run for the plumbing\n")
     sys.path[:0] = [str(ROOT / "src")]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         shimmed = missing_shims()

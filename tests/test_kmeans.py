@@ -267,6 +267,7 @@ def test_cli_help_shows_defaults_without_importing_torch():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_fit_matches_cpu_fit(tmp_path):
     frames, _ = blobs(centers=6, dim=4, frames=3000, spread=0.3)
     store = make_store(tmp_path / "store", frames)
