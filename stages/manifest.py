@@ -12,8 +12,8 @@ from hubert_pipeline.cli import parser, setup_logging
 
 if __name__ == "__main__":
     p = parser(__doc__)
-    p.add_argument("train", help="training audio: folder or uncompressed .tar")
-    p.add_argument("valid", help="validation audio: folder or uncompressed .tar")
+    p.add_argument("train", help="training audio: folder, uncompressed .tar or fairseq listing (.tsv)")
+    p.add_argument("valid", help="validation audio: folder, uncompressed .tar or fairseq listing (.tsv)")
     p.add_argument("output", help="folder for train.csv, valid.csv and skipped.csv")
     args = p.parse_args()
     setup_logging()

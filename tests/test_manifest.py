@@ -240,3 +240,31 @@ def test_mfcc_stage_names_files_moved_since_the_manifest_stage_before_any_work(c
     assert "train.csv: 1 file(s) moved or changed since the manifest stage probed them" in result.stderr
     assert "a-002.wav: no longer exists" in result.stderr
     assert not (tmp_path / "mfcc").exists()
+
+
+def test_a_fairseq_tsv_listing_gives_the_manifest_of_its_folder(corpus, tmp_path, isolated_mlflow):
+    relative = sorted(p.relative_to(corpus) for p in corpus.rglob("*.wav"))
+    listing = tmp_path / "train.tsv"  # fairseq's format: the folder, then `path<TAB>num_samples` (any order)
+    listing.write_text(f"{corpus}\n" + "".join(f"{r}\t123\n" for r in reversed(relative)))
+    from_dir, _ = build_manifest(corpus)
+    from_tsv, _ = build_manifest(listing)
+    assert from_tsv.equals(from_dir)  # ids, paths, probed lengths and file stats
+    valid = tmp_path / "valid"
+    write_wav(valid / "v-001.wav", tone(1.0))
+    result = run_manifest_stage(tmp_path, listing, valid, {})
+    assert result.returncode == 0, result.stderr
+    columns = ["fileid", "path", "num_samples", "file_size", "file_mtime_ns"]
+    assert read_manifest(tmp_path / "out" / "train.csv").select(columns).equals(from_dir.select(columns))
+
+
+def test_a_listing_of_missing_files_other_extensions_or_no_files_is_refused_naming_them(corpus, tmp_path):
+    listing = tmp_path / "train.tsv"
+    listing.write_text(f"{corpus}\nspk1/a-001.wav\t16000\nspk1/gone.wav\t16000\n")
+    with pytest.raises(BadAudioError, match=r"gone\.wav: cannot be read"):
+        build_manifest(listing)
+    listing.write_text(f"{corpus}\nspk1/a-001.wav\nnotes.txt\n")
+    with pytest.raises(ValueError, match=r"train\.tsv: 1 listed file\(s\) are not \.wav .*notes\.txt"):
+        build_manifest(listing)
+    listing.write_text(f"{corpus}\n")
+    with pytest.raises(ValueError, match=r"train\.tsv: lists no files"):
+        build_manifest(listing)

@@ -44,11 +44,33 @@ def _describe_contents(names: list[str]) -> str:
     return ", ".join(f"{n} {s or '(no extension)'}" for s, n in top) or "nothing"
 
 
+def listed(listing: Path, extensions: Sequence[str]) -> list[tuple[str, AudioSource]]:
+    """(file id, source) of each file a fairseq manifest lists, sorted by path: the corpus folder on the first line,
+    then one file per line, `relative/path.flac<TAB>num_samples` (the count is ignored: every file is probed).
+
+    The listing, not the audio, is then what DVC hashes: at scale DVC's first hash of a corpus folder (every byte,
+    again in each `dvc exp run --queue/--temp` copy) costs more than the manifest stage itself (docs/benchmarks.md).
+    """
+    lines = [line for line in listing.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"{listing}: empty listing (a fairseq .tsv: the corpus folder on its first line)")
+    base = Path(lines[0].strip())
+    relative = [line.split("\t", 1)[0] for line in lines[1:]]
+    if other := [r for r in relative if not _matches(r, extensions)]:
+        raise ValueError(f"{listing}: {len(other)} listed file(s) are not {'/'.join(extensions)} "
+                         f"(manifest.extension), e.g. {other[:3]}")  # fmt: skip
+    paths = sorted(base.resolve() / r for r in relative)
+    return [(file_id(path), AudioSource(str(path))) for path in paths]
+
+
 def discover(root: str | Path, extensions: str | Sequence[str]) -> Iterator[tuple[str, AudioSource]]:
-    """(file id, source) of every audio file under a folder, or inside an uncompressed tar archive, sorted by path."""
+    """(file id, source) of every audio file under a folder, inside an uncompressed tar archive, or listed by a
+    fairseq manifest (.tsv), sorted by path."""
     extensions = (extensions,) if isinstance(extensions, str) else tuple(extensions)
     root = Path(root)
-    if root.is_dir():
+    if root.is_file() and root.suffix == ".tsv":
+        yield from listed(root, extensions)
+    elif root.is_dir():
         paths = sorted(p for p in root.resolve().rglob("*") if p.is_file() and _matches(p.name, extensions))
         for path in paths:
             yield file_id(path), AudioSource(str(path))
@@ -59,7 +81,7 @@ def discover(root: str | Path, extensions: str | Sequence[str]) -> Iterator[tupl
         for m in members:
             yield file_id(m.name), AudioSource(m.name, str(root.resolve()), m.offset_data, m.size)
     elif root.is_file():
-        raise ValueError(f"{root}: not a folder or an uncompressed tar archive")
+        raise ValueError(f"{root}: not a folder, an uncompressed tar archive or a fairseq manifest (.tsv)")
     else:
         raise FileNotFoundError(f"{root}: no such folder or archive")
 
@@ -70,6 +92,8 @@ def discover_all(root: str | Path, extensions: str | Sequence[str]) -> list[tupl
     items = list(discover(root, extensions))
     if not items:
         root = Path(root)
+        if root.suffix == ".tsv":
+            raise ValueError(f"{root}: lists no files (a fairseq .tsv: the corpus folder, then one file per line)")
         if root.is_dir():
             held = _describe_contents([p.name for p in root.rglob("*") if p.is_file()])
         else:
