@@ -19,6 +19,7 @@ STAGE_HEADER = (
     "| corpus | wall s | CPU s | audio h / wall h | peak RSS GB | peak anon GB | disk written GB "
     "| DVC overhead s (share) | DVC CPU s | `dvc status` s | load |"
 )
+NOTES = {"manifest": " (per file)", "pretrain_it1": " (its fixed steps, not a recipe: start-up grows)"}
 DVC_GOAL = 0.10  # DVC's overhead at most 10 % of the stage's work
 LONG_STAGE_S = 60.0
 
@@ -91,22 +92,32 @@ def growth_table(results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _project(b: dict[str, Any], stage: str, key: str, per: str, slope: float, target: float) -> float:
+    """The figure at `target` (hours or files): the largest corpus's plus the growth measured (0 if negative)."""
+    s = b["stages"][stage]
+    y = s["command"][key] if key in s["command"] else s[key]
+    x = hours_of(b) if per == "hours" else b["train_files"] + b["valid_files"]
+    return y + max(slope, 0.0) * (target - x)
+
+
 def projection_table(results: dict[str, dict[str, Any]]) -> list[str]:
     a, b = list(results.values())[-2:]
     names = list(TARGETS)
+    columns = f"CPU min, wall min on {CLUSTER_CORES} cores, anon GB in one process"
     lines = [
-        f"| stage | {' | '.join(f'{n}: CPU h, wall h on {CLUSTER_CORES} cores, anon GB / process' for n in names)} |",
+        f"| stage | {' | '.join(f'{n}: {columns}' for n in names)} |",
         "| --- | " + " | ".join("---" for _ in names) + " |",
     ]
     for stage in STAGES:
         per = "files" if stage == "manifest" else "hours"
-        fixed, slope = _slope(a, b, stage, "cpu_s", per)
-        mem_fixed, mem_slope = _slope(a, b, stage, "peak_anon_gb")
+        _, slope = _slope(a, b, stage, "cpu_s", per)
+        _, mem_slope = _slope(a, b, stage, "peak_anon_gb")
         cells = []
         for hours, files, _ in TARGETS.values():
-            cpu_h = (fixed + slope * (files if per == "files" else hours)) / 3600
-            cells.append(f"{cpu_h:,.1f}, {cpu_h / CLUSTER_CORES:,.2f}, {mem_fixed + mem_slope * hours:,.1f}")
-        lines.append(f"| {stage}{' (per file)' if per == 'files' else ''} | {' | '.join(cells)} |")
+            cpu_min = _project(b, stage, "cpu_s", per, slope, files if per == "files" else hours) / 60
+            memory = _project(b, stage, "peak_anon_gb", "hours", mem_slope, hours)
+            cells.append(f"{cpu_min:,.1f}, {cpu_min / CLUSTER_CORES:,.2f}, {memory:,.1f}")
+        lines.append(f"| {stage}{NOTES.get(stage, '')} | {' | '.join(cells)} |")
     return lines
 
 
