@@ -130,8 +130,9 @@ def sh(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def make_repo(root: Path, corpus: Path, measures: Path, *, steps: int, threads: int) -> None:
-    """A git + DVC repository with this checkout's pipeline, pointed at `corpus`, its commands measured."""
+def make_repo(root: Path, corpus: Path, measures: Path, *, steps: int, threads: int, overrides: list[str]) -> None:
+    """A git + DVC repository with this checkout's pipeline, pointed at `corpus`, its commands measured, the params
+    `overrides` (SECTION.KEY=VALUE, the value read as YAML) applied."""
     root.mkdir(parents=True)
     for name in ("params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
@@ -149,6 +150,10 @@ def make_repo(root: Path, corpus: Path, measures: Path, *, steps: int, threads: 
     params["execution"]["workers"] = threads
     params["train_it1"]["max_steps"] = steps
     params["train_it1"]["warmup_steps"] = min(params["train_it1"]["warmup_steps"], steps // 2)  # < max_steps
+    for override in overrides:
+        key, value = override.split("=", 1)
+        section, name = key.split(".", 1)
+        params[section][name] = yaml.safe_load(value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], root)
     sh([dvc(), "init", "-q"], root)
@@ -215,15 +220,17 @@ def bench_size(hours: float, args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"scale_corpus.py failed for {tag}")
     for folder in (root, measures):
         shutil.rmtree(folder, ignore_errors=True)
-    make_repo(root, corpus, measures, steps=args.steps, threads=args.threads)
+    make_repo(root, corpus, measures, steps=args.steps, threads=args.threads, overrides=args.set)
     env = stage_env(args.threads)
     result: dict[str, Any] = {"hours_requested": hours, "threads": args.threads, "steps": args.steps, "stages": {}}
-    for stage in STAGES:
+    result["overrides"] = args.set
+    for stage in STAGES[: args.stages]:
         print(f"{tag}: {stage} ...", flush=True)
         result["stages"][stage] = measure_stage(root, stage, measures, env)
         print(f"{tag}: {stage}: {json.dumps(result['stages'][stage])}", flush=True)
     result |= corpus_figures(root, corpus)
-    result["rehash_corpus"] = {str(jobs): rehash_corpus(root, corpus, env, jobs) for jobs in (1, 2)}
+    if args.stages == len(STAGES):  # hashing the corpus again (twice): not for a partial run
+        result["rehash_corpus"] = {str(jobs): rehash_corpus(root, corpus, env, jobs) for jobs in (1, 2)}
     result["corpus_generation"] = {"wall_s": generation["wall_s"], "cpu_s": generation["cpu_s"]}
     result["machine"] = {"cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if not args.keep:
@@ -258,6 +265,8 @@ def main() -> None:
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "scale", help="corpora and repositories"
     )
     parser.add_argument("--keep", action="store_true", help="keep corpora and repositories")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="a params override")
+    parser.add_argument("--stages", type=int, default=len(STAGES), help=f"run the first N of: {', '.join(STAGES)}")
     parser.add_argument("--results", type=Path, default=REPO / "docs/bench_scale_results.json")
     parser.add_argument("--doc", type=Path, default=REPO / "docs/benchmarks.md", help="where the tables go")
     parser.add_argument("--report-only", action="store_true", help="render the tables from --results, run nothing")

@@ -31,6 +31,8 @@ def hours_of(r: dict[str, Any]) -> float:
 def _stage_rows(results: dict[str, dict[str, Any]], stage: str) -> list[str]:
     rows = []
     for name, r in results.items():
+        if stage not in r["stages"]:
+            continue
         s = r["stages"][stage]
         c, o = s["command"], s["dvc_overhead"]
         share = o["wall_s"] / max(c["wall_s"], 1e-9)
@@ -73,20 +75,23 @@ def _slope(a: dict[str, Any], b: dict[str, Any], stage: str, key: str, per: str 
 
 
 def growth_table(results: dict[str, dict[str, Any]]) -> list[str]:
-    (na, a), (nb, b) = list(results.items())[-2:]
+    sizes = list(results.items())
+    (na, a), (nb, b) = sizes[-2:]
+    earlier = sizes[-3] if len(sizes) > 2 else None
+    before = f"{earlier[0]} → {na}, " if earlier else ""
     header = (
-        f"| stage | CPU s / audio h at {na} | at {nb} | ratio | CPU s per added audio h | peak anon GB {na} → {nb} "
-        f"| DVC overhead at {nb} (goal <= 10 % when > 1 min) |"
+        f"| stage | CPU s / audio h at {na} | at {nb} | ratio | CPU s per added audio h ({before}{na} → {nb}) "
+        f"| peak anon GB {na} → {nb} | DVC overhead at {nb} (goal <= 10 % when > 1 min) |"
     )
     lines = [header, "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for stage in STAGES:
         ca, cb = (r["stages"][stage]["command"] for r in (a, b))
         per_a, per_b = ca["cpu_s"] / hours_of(a), cb["cpu_s"] / hours_of(b)
-        _, slope = _slope(a, b, stage, "cpu_s")
+        slopes = [_slope(x, y, stage, "cpu_s")[1] for x, y in ([(earlier[1], a)] if earlier else []) + [(a, b)]]
         share = b["stages"][stage]["dvc_overhead"]["wall_s"] / cb["wall_s"]
         verdict = "n/a (< 1 min)" if cb["wall_s"] < LONG_STAGE_S else ("met" if share <= DVC_GOAL else "**missed**")
         lines.append(
-            f"| {stage} | {per_a:.2f} | {per_b:.2f} | {per_b / per_a:.2f} | {slope:.3f} "
+            f"| {stage} | {per_a:.2f} | {per_b:.2f} | {per_b / per_a:.2f} | {', '.join(f'{x:.3f}' for x in slopes)} "
             f"| {ca['peak_anon_gb']:.2f} → {cb['peak_anon_gb']:.2f} | {share:.0%}: {verdict} |"
         )
     return lines
@@ -148,6 +153,8 @@ def rehash_lines(results: dict[str, dict[str, Any]]) -> list[str]:
         "| --- | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
+        if "rehash_corpus" not in r:
+            continue
         one, two = r["rehash_corpus"]["1"], r["rehash_corpus"]["2"]
         cells = (f"{one['wall_s']:.1f}, {one['cpu_s']:.1f}", f"{two['wall_s']:.1f}, {two['cpu_s']:.1f}")
         lines.append(f"| {name} | {r['corpus_gb']:.2f} | {cells[0]} | {cells[1]} |")
@@ -157,7 +164,7 @@ def rehash_lines(results: dict[str, dict[str, Any]]) -> list[str]:
 def render(results: dict[str, dict[str, Any]]) -> str:
     rehash = "`dvc status manifest` after every corpus file's mtime changed (DVC hashes the corpus again):"
     lines = [BEGIN, "", *stage_tables(results), rehash, "", *rehash_lines(results), ""]
-    if len(results) > 1:
+    if len(results) > 1 and all(len(r["stages"]) == len(STAGES) for r in results.values()):
         (na, _), (nb, _) = list(results.items())[-2:]
         lines += [
             f"Growth from {na} to {nb} (CPU seconds: load distorts them less than wall time):",

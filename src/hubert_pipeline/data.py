@@ -63,7 +63,7 @@ class Batch:
 def read_labeled_manifest(path: str | Path) -> list[dict]:
     """Rows of a manifest with units (JSONL written by the units stage); clear error naming the file.
 
-    Read line by line; each row's units become an int32 array (a list of ints takes 8 bytes a unit and its pages
+    Read line by line; each row's units become an int32 array (a list of ints takes 8 bytes a unit, and its pages
     are copied into every data-loading worker as the reference counts change).
     """
     path = Path(path)
