@@ -134,9 +134,9 @@ def dvc_projection(results: dict[str, dict[str, Any]]) -> list[str]:
     store_rate = store_gb / max(b["stages"]["mfcc"]["dvc_overhead"]["wall_s"], 1e-9)
     rates = (
         f"Measured at {hours_of(b):.0f} h: the corpus ({b['corpus_gb']:.1f} GB of WAV) hashed at {corpus_rate:.2f} "
-        f"GB/s, the MFCC store ({store_gb:.2f} GB) at {store_rate:.2f} GB/s (DVC's overhead over each). At those rates:"
+        f"GB/s, the MFCC store ({store_gb:.2f} GB) at {store_rate:.2f} GB/s"
     )
-    lines = [rates, ""]
+    lines = [rates, "(DVC's overhead over each). At those rates:", ""]
     for name, (hours, _, corpus_gb) in TARGETS.items():
         store = store_gb / hours_of(b) * hours
         lines.append(
