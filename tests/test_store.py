@@ -73,6 +73,19 @@ def test_fp16_store_keeps_values_within_half_precision(tmp_path):
 def test_wrong_feature_shape_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="'bad'"):
         write_shard(tmp_path, 0, [("bad", np.zeros((3, 4)))], dtype="float32", dim=3)
+    assert not list(tmp_path.glob("*.npy"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("lengths", [[], [0], [5, 0, 7], [100_000, 3]])
+def test_streamed_shard_is_byte_identical_to_np_save_of_the_concatenation(tmp_path, dtype, lengths):
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(2 * n, 13))[::2] for n in lengths]  # float64, not contiguous: cast and copied
+    frames = write_shard(tmp_path, 0, ((f"f{i}", a) for i, a in enumerate(arrays)), dtype=dtype, dim=13)
+    reference = tmp_path / "reference.npy"
+    np.save(reference, np.concatenate([a.astype(dtype) for a in arrays]) if arrays else np.zeros((0, 13), dtype))
+    assert frames == sum(lengths)
+    assert (tmp_path / "shard-00000.npy").read_bytes() == reference.read_bytes()
 
 
 def test_fraction_sample_is_seeded(tmp_path):

@@ -100,3 +100,35 @@ def test_a_store_missing_a_manifests_file_is_named_before_any_transcription(tmp_
     ):
         units_for_split(tmp_path / "new.csv", tmp_path / "store", tmp_path / "no-centroids.safetensors",
                         tmp_path / "units.jsonl", tolerance=2, execution=ExecutionParams())  # fmt: skip
+
+
+def test_units_as_int32_arrays_or_lists_merge_into_the_same_bytes(tmp_path):
+    m = manifest([16000, 16000, 400, 8000])  # 49, 49, 1 and 24 model frames
+    lists = {"f0": list(range(98)), "f1": [3] * 101, "f2": [], "f3": [7] * 47}  # f1 truncated, f2 padded with 0
+    arrays = {fid: np.asarray(u, dtype=np.int32) for fid, u in lists.items()}
+    report = merge_units(m, lists, tmp_path / "lists.jsonl", step=2, tolerance=2)
+    assert merge_units(m, arrays, tmp_path / "arrays.jsonl", step=2, tolerance=2) == report
+    assert (tmp_path / "arrays.jsonl").read_bytes() == (tmp_path / "lists.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "arrays.jsonl").read_text().splitlines()]
+    assert [r["units"] for r in rows[2:]] == [[0], [7] * 24]
+    assert report.num_adjusted == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_units_of_a_memory_mapped_shard_equal_those_of_its_copy_in_memory(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    from hubert_pipeline.kmeans import predict
+    from hubert_pipeline.store import FeatureStore, finalize_store, write_shard
+    from hubert_pipeline.units import transcribe_shard
+
+    rng = np.random.default_rng(0)
+    items = [(f"f{i}", rng.normal(size=(n, 5)).astype(np.float32)) for i, n in enumerate([70_000, 3, 0, 900])]
+    write_shard(tmp_path / "store", 0, items, dtype=dtype, dim=5)
+    finalize_store(tmp_path / "store", num_shards=1, dim=5, dtype=dtype, frame_rate=100.0)
+    centroids = torch.from_numpy(rng.normal(size=(20, 5)).astype(np.float32))
+    save_file({"centroids": centroids}, tmp_path / "c.safetensors")
+    transcribe_shard(str(tmp_path / "store"), str(tmp_path / "c.safetensors"), str(tmp_path / "parts"), 0)
+    parts = json.loads((tmp_path / "parts" / "shard-00000.json").read_text())
+    in_memory = predict(torch.from_numpy(np.array(FeatureStore(tmp_path / "store").shard(0), np.float32)), centroids)
+    assert np.concatenate([parts[fid] for fid, _ in items]).tolist() == in_memory.tolist()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from spidr.config import MaskingConfig
 from spidr.data.dataset import BucketizeBatchSampler
@@ -60,16 +61,28 @@ class Batch:
 
 
 def read_labeled_manifest(path: str | Path) -> list[dict]:
-    """Rows of a manifest with units (JSONL written by the units stage); clear error naming the file."""
+    """Rows of a manifest with units (JSONL written by the units stage); clear error naming the file.
+
+    Read line by line; each row's units become an int32 array (a list of ints takes 8 bytes a unit, and its pages
+    are copied into every data-loading worker as the reference counts change).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest with units")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with path.open(encoding="utf-8") as f:
+        rows = [_labeled_row(line) for line in f if line.strip()]
     if not rows:
         raise ValueError(f"{path}: empty manifest")
     if missing := {"fileid", "path", "num_samples", "units"} - set(rows[0]):
         raise ValueError(f"{path}: manifest lacks column(s) {sorted(missing)}")
     return rows
+
+
+def _labeled_row(line: str) -> dict:
+    row = json.loads(line)
+    if "units" in row:
+        row["units"] = np.asarray(row["units"], dtype=np.int32)
+    return row
 
 
 class LabeledSpeech(Dataset):
@@ -88,7 +101,7 @@ class LabeledSpeech(Dataset):
         waveform = load_audio(source_of(row))
         if self.normalize:
             waveform = F.layer_norm(waveform, waveform.shape)
-        return batch_number, waveform, torch.tensor(row["units"], dtype=torch.long)
+        return batch_number, waveform, torch.as_tensor(row["units"], dtype=torch.long)
 
 
 def crop(waveform: Tensor, units: Tensor, length: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:

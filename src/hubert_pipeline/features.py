@@ -132,7 +132,6 @@ def extract_mfcc_shard(
 
     A shard already complete for the same files and dtype is left as it is (resume).
     """
-    from hubert_pipeline.audio import load_samples, source_of
     from hubert_pipeline.store import write_shard
 
     stat = Path(manifest).stat()
@@ -141,8 +140,19 @@ def extract_mfcc_shard(
     if (frames := _resumable_frames(Path(root), shard, fileids, dtype)) is not None:
         logger.info("shard %d of %s is complete: skipped", shard, root)
         return frames
-    items: list[tuple[str, np.ndarray]] = []
-    for batch in _batches(rows, max(1, round(batch_seconds * SAMPLE_RATE))):
+    items = _features(rows, batch_samples=max(1, round(batch_seconds * SAMPLE_RATE)), dtype=dtype, device=device)
+    frames = write_shard(root, shard, items, dtype=dtype, dim=DIM)  # streamed: one batch in memory, not the shard
+    logger.info("shard %d of %s: %d files, %d frames", shard, root, len(rows), frames)
+    return frames
+
+
+def _features(
+    rows: list[dict[str, Any]], *, batch_samples: int, dtype: str, device: str
+) -> Iterator[tuple[str, "np.ndarray"]]:
+    """(file id, MFCC) of every row, in order, computed batch by batch."""
+    from hubert_pipeline.audio import load_samples, source_of
+
+    for batch in _batches(rows, batch_samples):
         waveforms = [load_samples(source_of(row)) for row in batch]  # int16 PCM: no float copy
         for row, waveform in zip(batch, waveforms, strict=True):
             if waveform.shape[0] != row["num_samples"]:
@@ -150,12 +160,8 @@ def extract_mfcc_shard(
                     "%s: %d samples decoded, the manifest says %d", row["path"], waveform.shape[0], row["num_samples"]
                 )
         features = mfcc_batch(waveforms, device=device)
-        items.extend(
-            (row["fileid"], f.cpu().numpy().astype(dtype, copy=False)) for row, f in zip(batch, features, strict=True)
-        )
-    frames = write_shard(root, shard, items, dtype=dtype, dim=DIM)
-    logger.info("shard %d of %s: %d files, %d frames", shard, root, len(items), frames)
-    return frames
+        for row, f in zip(batch, features, strict=True):
+            yield row["fileid"], f.cpu().numpy().astype(dtype, copy=False)
 
 
 def extract_mfcc(

@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import polars as pl
@@ -76,24 +77,38 @@ def write_shard(
     dtype: str,
     dim: int,
 ) -> int:
-    """Write one shard from (fileid, (frames, dim) array) pairs; return its number of frames."""
+    """Write one shard from (fileid, (frames, dim) array) pairs; return its number of frames.
+
+    Each array is streamed into the .npy as it comes (memory: one file's features, not the shard's); the header,
+    written first for 0 rows, is rewritten in place for the final row count. The file is byte for byte the
+    `np.save` of the concatenated arrays: numpy pads the header for in-place growth of the first axis.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     root = Path(root)
-    arrays: list[np.ndarray] = []
     index: list[tuple[str, int, int]] = []
     offset = 0
-    for fileid, array in items:
-        if array.ndim != 2 or array.shape[1] != dim:  # noqa: PLR2004
-            raise ValueError(f"features of {fileid!r} have shape {array.shape}, expected (frames, {dim})")
-        arrays.append(array.astype(dtype, copy=False))
-        index.append((fileid, offset, int(array.shape[0])))
-        offset += int(array.shape[0])
-    data = np.concatenate(arrays) if arrays else np.zeros((0, dim), dtype=dtype)
     with atomic_path(shard_path(root, shard)) as tmp, tmp.open("wb") as f:
-        np.save(f, data, allow_pickle=False)
+        header_length = _write_npy_header(f, rows=0, dim=dim, dtype=dtype)
+        for fileid, array in items:
+            if array.ndim != 2 or array.shape[1] != dim:  # noqa: PLR2004
+                raise ValueError(f"features of {fileid!r} have shape {array.shape}, expected (frames, {dim})")
+            f.write(np.ascontiguousarray(array, dtype=dtype).data)
+            index.append((fileid, offset, int(array.shape[0])))
+            offset += int(array.shape[0])
+        f.seek(0)
+        if _write_npy_header(f, rows=offset, dim=dim, dtype=dtype) != header_length:
+            raise RuntimeError("numpy changed the .npy header's length with the row count: update write_shard")
     write_json(shard_index_path(root, shard), index)
     return offset
+
+
+def _write_npy_header(f: BinaryIO, *, rows: int, dim: int, dtype: str) -> int:
+    """The .npy (version 1.0) header `np.save` writes for a C-ordered (rows, dim) array; return its length."""
+    start = f.tell()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (rows, dim)}
+    np.lib.format.write_array_header_1_0(f, header)
+    return f.tell() - start
 
 
 def finalize_store(root: str | Path, *, num_shards: int, dim: int, dtype: str, frame_rate: float) -> StoreMeta:

@@ -305,7 +305,7 @@ def train(
     from hubert_pipeline.model import HubertConfig
 
     rows = read_labeled_manifest(manifest)  # before any heavy work: a bad manifest fails at once
-    if (top := max(max(r["units"], default=0) for r in rows)) >= num_classes:
+    if (top := max((int(r["units"].max()) for r in rows if len(r["units"])), default=0)) >= num_classes:
         raise ValueError(f"{manifest}: unit {top} is out of range for {num_classes} classes")
     env = init_distributed("cuda" if torch.cuda.is_available() else "cpu")
     device = select_device(env.local_rank)

@@ -13,6 +13,7 @@ the file, smaller differences are truncated (extra units) or padded with the las
 import json
 import logging
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import overload
@@ -59,8 +60,6 @@ def frame_step(store_frame_rate: float) -> int:
 
 def transcribe_shard(store: str, centroids: str, parts: str, shard: int) -> int:
     """Units of every file of one store shard, at the store's frame rate, written to parts/shard-XXXXX.json."""
-    import torch
-
     from hubert_pipeline.kmeans import load_centroids, predict
 
     out = Path(parts) / f"shard-{shard:05d}.json"
@@ -69,8 +68,8 @@ def transcribe_shard(store: str, centroids: str, parts: str, shard: int) -> int:
     features = FeatureStore(store)
     c = load_centroids(centroids, dim=features.meta.dim)
     rows = features.index.filter(pl.col("shard") == shard)
-    data = features.shard(shard)
-    units = predict(torch.from_numpy(np.array(data, dtype=np.float32)), c).numpy() if len(data) else np.zeros(0, int)
+    data = features.shard(shard)  # memory-mapped: predict copies one chunk at a time, never the whole shard
+    units = predict(data, c).numpy() if len(data) else np.zeros(0, int)
     result = {
         fid: units[off : off + n].tolist() for fid, off, n in rows.select("fileid", "offset", "length").iter_rows()
     }
@@ -98,50 +97,70 @@ def check_one_to_one(manifest_ids: list[str], other_ids: list[str], manifest_nam
         raise ValueError(f"{len(extra)} file(s) of {other_name} are not in {manifest_name}, e.g. {extra[:5]}")
 
 
-def fit_length(units: list[int], expected: int, tolerance: int, fileid: str) -> tuple[list[int], int]:
+def fit_length(units: np.ndarray, expected: int, tolerance: int, fileid: str) -> tuple[np.ndarray, int]:
     diff = len(units) - expected
     if abs(diff) > tolerance:
         raise LengthMismatchError(f"{fileid}: {len(units)} units for {expected} model frames (tolerance {tolerance})")
     if diff > 0:
         return units[:expected], diff
     if diff < 0:
-        return units + [units[-1] if units else 0] * (-diff), diff
+        return np.concatenate([units, np.full(-diff, units[-1] if len(units) else 0, units.dtype)]), diff
     return units, 0
+
+
+def read_parts(parts: Path, num_shards: int, *, step: int = 1) -> dict[str, np.ndarray]:
+    """fileid -> every `step`-th unit (int32) of every part file: 4 bytes a unit, not a list's 8-byte pointers, and
+    only the units the merge keeps (half of them for 100 Hz MFCC units)."""
+    units: dict[str, np.ndarray] = {}
+    for s in range(num_shards):
+        part = json.loads((parts / f"shard-{s:05d}.json").read_text())
+        units.update((fid, np.asarray(u, dtype=np.int32)[::step].copy()) for fid, u in part.items())
+    return units
+
+
+def _length_differences(
+    manifest: pl.DataFrame, units: Mapping[str, Sequence[int] | np.ndarray], *, step: int, tolerance: int
+) -> tuple[list[int], list[str]]:
+    """Units minus model frames of every file of the manifest (after the step), and the errors beyond tolerance."""
+    diffs: list[int] = []
+    errors: list[str] = []
+    for fid, n in manifest.select("fileid", "num_samples").iter_rows():
+        kept, expected = -(-len(units[fid]) // step), model_frames(n)  # units[::step] keeps ceil(len / step)
+        diffs.append(kept - expected)
+        if abs(kept - expected) > tolerance:
+            errors.append(f"{fid}: {kept} units for {expected} model frames (tolerance {tolerance})")
+    return diffs, errors
 
 
 def merge_units(
     manifest: pl.DataFrame,
-    units: dict[str, list[int]],
+    units: Mapping[str, Sequence[int] | np.ndarray],
     output: str | Path,
     *,
     step: int,
     tolerance: int,
 ) -> MergeReport:
-    """Join units to the manifest one-to-one (every manifest file must have units), check lengths, write JSONL."""
+    """Join units to the manifest one-to-one (every manifest file must have units), check lengths, write JSONL.
+
+    Every length is checked before anything is written; rows are then fitted and written one at a time (memory:
+    the units given, not a second copy of them).
+    """
     check_one_to_one(manifest["fileid"].to_list(), list(units), "the manifest", f"the units for {output}")
-    errors: list[str] = []
-    merged: list[list[int]] = []
-    adjusted, max_diff = 0, 0
-    for fid, n in manifest.select("fileid", "num_samples").iter_rows():
-        try:
-            fitted, diff = fit_length(units[fid][::step], model_frames(n), tolerance, fid)
-        except LengthMismatchError as e:
-            errors.append(str(e))
-            continue
-        adjusted += diff != 0
-        max_diff = max(max_diff, abs(diff))
-        merged.append(fitted)
+    diffs, errors = _length_differences(manifest, units, step=step, tolerance=tolerance)
     if errors:
         more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""  # noqa: PLR2004
         raise LengthMismatchError(
             f"{len(errors)} file(s) with units/audio length mismatch:\n  " + "\n  ".join(errors[:20]) + more
         )
     with atomic_open(output) as f:
-        for row, u in zip(manifest.iter_rows(named=True), merged, strict=True):
-            f.write(json.dumps({**row, "units": u}, separators=(",", ":")) + "\n")
+        for row in manifest.iter_rows(named=True):
+            fid, expected = row["fileid"], model_frames(row["num_samples"])
+            fitted, _ = fit_length(np.asarray(units[fid], dtype=np.int64)[::step], expected, tolerance, fid)
+            f.write(json.dumps({**row, "units": fitted.tolist()}, separators=(",", ":")) + "\n")
+    adjusted, max_diff = sum(d != 0 for d in diffs), max(map(abs, diffs), default=0)
     if adjusted:
-        logger.info("%d/%d files had their units truncated or padded (max %d frames)", adjusted, len(merged), max_diff)
-    return MergeReport(num_files=len(merged), num_adjusted=adjusted, max_abs_diff=max_diff)
+        logger.info("%d/%d files had their units truncated or padded (max %d frames)", adjusted, len(diffs), max_diff)
+    return MergeReport(num_files=len(diffs), num_adjusted=adjusted, max_abs_diff=max_diff)
 
 
 def units_for_split(
@@ -165,10 +184,8 @@ def units_for_split(
         for s in range(store.meta.num_shards)
     ]
     map_tasks(transcribe_shard, tasks, execution=execution, desc=f"units {Path(output).stem}", threads=True)
-    units: dict[str, list[int]] = {}
-    for s in range(store.meta.num_shards):
-        units.update(json.loads((parts / f"shard-{s:05d}.json").read_text()))
-    report = merge_units(manifest, units, output, step=step, tolerance=tolerance)
+    units = read_parts(parts, store.meta.num_shards, step=step)  # the step taken here: merge with step 1
+    report = merge_units(manifest, units, output, step=1, tolerance=tolerance)
     shutil.rmtree(parts)
     return report
 
@@ -201,10 +218,7 @@ def stream_units_for_split(
         for s in range(num_shards)
     ]  # fmt: skip
     map_tasks(stream_units_shard, tasks, execution=execution, desc=f"units {Path(output).stem}", gpu=True)
-    units: dict[str, list[int]] = {}
-    for s in range(num_shards):
-        units.update(json.loads((parts / f"shard-{s:05d}.json").read_text()))
-    report = merge_units(manifest, units, output, step=1, tolerance=tolerance)
+    report = merge_units(manifest, read_parts(parts, num_shards), output, step=1, tolerance=tolerance)
     shutil.rmtree(parts)
     return report
 
