@@ -57,8 +57,11 @@ def test_compiled_training_resumed_midway_gives_the_losses_and_weights_of_eager_
 
 
 # bf16 keeps 8 bits of mantissa (3e-3 relative per rounding); the logits are float32 (LogitGenerator). Measured on
-# this step: loss 1.3e-3 and gradient norm 4e-3 relative to float32. Stated tolerances: 1e-2 and 5e-2.
-BF16_LOSS_RTOL, BF16_GRAD_NORM_RTOL = 1e-2, 5e-2
+# this step: loss 1.3e-3 and gradient norm 4e-3 relative to float32 on CPUs without bf16 instructions; on a Xeon
+# with AMX/AVX512-BF16 (oneDNN's native bf16 kernels, other accumulation order) the gradient norm differs by 7.0e-2
+# (session 9, also at the commit that passed CI before). Stated tolerances: 1e-2 and 1.5e-1 (a broken autocast,
+# e.g. float32 weights cast to bf16 and back, or NaN, is far outside both).
+BF16_LOSS_RTOL, BF16_GRAD_NORM_RTOL = 1e-2, 1.5e-1
 
 
 def test_one_step_under_bf16_autocast_on_cpu_is_finite_and_close_to_float32():
