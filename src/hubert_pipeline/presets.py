@@ -80,6 +80,7 @@ def recipe_rows(recipe: Recipe, gpus: int, gpus_per_node: int = GPUS_PER_NODE) -
         ("(this recipe: audio per update checked at training)", "model.recipe", recipe.name),
         ("model.label_rate 50 (it2; it1 uses every 2nd MFCC frame)", "kmeans.k_it1", 100),
         ("km500 (labels of iteration 2)", "kmeans.k", 500),
+        ("learn_kmeans.py percent", "kmeans.fit_fraction", 0.1),
         ("(teacher layer; paper: Base it1's 6; 0 = ours chosen by ABX)", "iteration2.layer",
          0 if recipe.name == "base" else 9),
         ("distributed_world_size (one task per GPU)", "execution.slurm.gpus_per_node", per_node),
