@@ -148,6 +148,7 @@ def make_repo(root: Path, corpus: Path, measures: Path, *, steps: int, threads: 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(train=str(corpus / "train"), valid=str(corpus / "valid"), alignments="")
     params["execution"]["workers"] = threads
+    params["kmeans"]["fit_fraction"] = 0.1  # the recipe's (the demo's params.yaml fits on every file)
     params["train_it1"]["max_steps"] = steps
     params["train_it1"]["warmup_steps"] = min(params["train_it1"]["warmup_steps"], steps // 2)  # < max_steps
     for override in overrides:

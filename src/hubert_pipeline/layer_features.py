@@ -8,6 +8,7 @@ Layer outputs are the transformer layers' outputs (`before_residual=False`), as 
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,23 @@ def fit_subset(manifest: pl.DataFrame, fraction: float, seed: int) -> pl.DataFra
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(manifest.height, size=min(n, manifest.height), replace=False))
     return manifest.sort("fileid")[chosen.tolist()]
+
+
+def check_dump_fits(subset: pl.DataFrame, root: str | Path, *, dim: int, dtype: str) -> None:
+    """Refuse, before any forward pass, a feature dump larger than the free space where it is written."""
+    need = int(int(subset["num_samples"].sum()) * FRAME_RATE / 16_000) * dim * np.dtype(dtype).itemsize
+    folder = Path(root).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        hours = int(subset["num_samples"].sum()) / 16_000 / 3600
+        raise ValueError(
+            f"the layer features of the k-means fitting subset ({subset.height} files, {hours:.1f} h of audio: "
+            f"{need / 1e9:.1f} GB at {dim} x {dtype}) do not fit in the {free / 1e9:.1f} GB free under {folder}: "
+            "lower kmeans.fit_fraction (the recipe's 0.1, which `python -m hubert_pipeline.presets` sets) or "
+            "iteration2.dtype, or free space"
+        )
 
 
 def extract_layer_shard(
@@ -69,7 +87,8 @@ def extract_layer_features(
 ) -> StoreMeta:
     """Dump layer features of the k-means fitting subset into a sharded store."""
     subset = fit_subset(read_manifest(manifest), fit_fraction, seed)
-    load_teacher(teacher, layer, "cpu")  # fail on a bad checkpoint or layer before starting workers
+    model, _ = load_teacher(teacher, layer, "cpu")  # fail on a bad checkpoint or layer before starting workers
+    check_dump_fits(subset, root, dim=model.config.encoder_embed_dim, dtype=dtype)
     num_shards = min(num_shards, subset.height)
     tasks = [
         {"manifest": str(manifest), "root": str(root), "shard": s, "num_shards": num_shards, "teacher": teacher,
@@ -78,9 +97,7 @@ def extract_layer_features(
         for s in range(num_shards)
     ]  # fmt: skip
     map_tasks(extract_layer_shard, tasks, execution=execution, desc=f"layer {layer} features", gpu=True)
-    from hubert_pipeline.model import HuBERT
-
-    dim = HuBERT.from_pretrained(teacher).config.encoder_embed_dim
+    dim = model.config.encoder_embed_dim
     return finalize_store(root, num_shards=num_shards, dim=dim, dtype=dtype, frame_rate=FRAME_RATE)
 
 
