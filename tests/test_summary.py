@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from hubert_pipeline.summary import experiment_summary, goals, summary
+from hubert_pipeline.summary import experiment_summary, goals, summary, unit_table
 
 
 def test_summary_takes_each_iterations_best_layer_units_and_its_chosen_checkpoint():
@@ -21,6 +21,13 @@ def test_summary_takes_each_iterations_best_layer_units_and_its_chosen_checkpoin
         "pnmi1": 0.31, "abx1": 37.9, "acc1": 0.053, "loss1": 4.2,
         "pnmi2": 0.33, "abx2": 38.1, "acc2": 0.04, "loss2": 5.47,
     }  # fmt: skip
+
+
+def test_the_mfcc_row_at_the_layers_k_is_left_out_when_iteration_1_used_that_k_already():
+    row = {"source": "MFCC", "pnmi": 0.6, "abx_across": 20.0}
+    layers = {"it1_best_layer": row | {"source": "it1 layer 1", "k": 500}}
+    assert unit_table({"mfcc": row | {"k": 100}, "mfcc_at_k": row | {"k": 500}} | layers).count("| MFCC |") == 2
+    assert unit_table({"mfcc": row | {"k": 500}, "mfcc_at_k": row | {"k": 500}} | layers).count("| MFCC |") == 1
 
 
 def test_summary_figures_are_rounded_to_four_significant_digits_for_short_columns():

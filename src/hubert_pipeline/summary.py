@@ -54,8 +54,9 @@ def _cell(value: Any) -> str:
 def unit_table(table: dict[str, dict[str, Any]]) -> str:
     """The unit-quality table in Markdown, as the README shows it."""
     lines = ["| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    same_k = table.get("mfcc", {}).get("k") == table.get("mfcc_at_k", {}).get("k")  # kmeans.k_it1 == kmeans.k
     for key, name in ROWS:
-        if key in table:
+        if key in table and not (key == "mfcc_at_k" and same_k):
             row = table[key]
             lines.append("| " + " | ".join([name or row["source"], *(_cell(row.get(c)) for c in COLUMNS)]) + " |")
     return "\n".join(lines)
