@@ -19,23 +19,22 @@ from pathlib import Path
 
 from hubert_pipeline.kmeans import fit_kmeans, save_centroids
 from hubert_pipeline.layer_features import extract_layer_features
-from hubert_pipeline.params import load_params
+from hubert_pipeline.params import Params, load_params
 from hubert_pipeline.unit_metrics import unit_quality
 from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
 
-def fit(store: Path, k: int, fit_fraction: float, centroids: Path, args: argparse.Namespace) -> None:
-    km = load_params(args.params).kmeans
+def fit(store: Path, k: int, fit_fraction: float, centroids: Path, params: Params) -> None:
+    km = params.kmeans
     result = fit_kmeans(store, k=k, fit_fraction=fit_fraction, seed=km.seed, max_iter=km.max_iter, tol=km.tol,
                         n_init=km.n_init, chunk_frames=km.chunk_frames, device="cpu")  # fmt: skip
     save_centroids(centroids, result)
 
 
-def mfcc_quality(k: int, work: Path, args: argparse.Namespace) -> dict:
+def mfcc_quality(k: int, work: Path, params: Params, args: argparse.Namespace) -> dict:
     """PNMI and purities of MFCC units at k on the valid split (the unit_quality stage's MFCC row at equal k)."""
-    params = load_params(args.params)
     fraction = params.kmeans.fit_fraction if args.fit_fraction is None else args.fit_fraction
-    fit(args.mfcc / "train", k, fraction, work / "mfcc.safetensors", args)
+    fit(args.mfcc / "train", k, fraction, work / "mfcc.safetensors", params)
     units_for_split(args.manifests / "valid.csv", args.mfcc / "valid", work / "mfcc.safetensors",
                     work / "mfcc-valid.jsonl", tolerance=params.units.length_tolerance,
                     execution=params.execution)  # fmt: skip
@@ -44,9 +43,8 @@ def mfcc_quality(k: int, work: Path, args: argparse.Namespace) -> dict:
     return {"model": "mfcc", "layer": 0, "k": k, "fit_fraction": fraction} | scores
 
 
-def layer_quality(model: str, layer: int, k: int, work: Path, args: argparse.Namespace) -> dict:
+def layer_quality(model: str, layer: int, k: int, work: Path, params: Params, args: argparse.Namespace) -> dict:
     """PNMI and purities of one layer's units at k on the valid split."""
-    params = load_params(args.params)
     km = params.kmeans
     fraction = km.fit_fraction if args.fit_fraction is None else args.fit_fraction
     store = work / f"layer{layer}"
@@ -56,7 +54,7 @@ def layer_quality(model: str, layer: int, k: int, work: Path, args: argparse.Nam
         execution=params.execution,
     )  # fmt: skip
     centroids = work / f"layer{layer}.safetensors"
-    fit(store, k, 1.0, centroids, args)  # the store holds the fitting subset only, as features_it2's
+    fit(store, k, 1.0, centroids, params)  # the store holds the fitting subset only, as features_it2's
     units = work / f"layer{layer}-valid.jsonl"
     stream_units_for_split(
         args.manifests / "valid.csv", units, teacher=model, layer=layer, centroids=centroids,
@@ -83,10 +81,11 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("outputs/bench/layer_quality.jsonl"))
     args = parser.parse_args()
     args.results.parent.mkdir(parents=True, exist_ok=True)
+    params = load_params(args.params)
     with tempfile.TemporaryDirectory(prefix="layer_quality-") as work:
         for layer in [0] if args.model == "mfcc" else args.layers:
             quality = mfcc_quality if args.model == "mfcc" else partial(layer_quality, args.model, layer)
-            row = {"label": args.label} | quality(args.k, Path(work), args)
+            row = {"label": args.label} | quality(args.k, Path(work), params, args)
             print(json.dumps(row), flush=True)
             with args.results.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

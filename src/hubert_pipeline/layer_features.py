@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from hubert_pipeline.audio import load_audio, source_of
+from hubert_pipeline.audio import SAMPLE_RATE, load_audio, source_of
 from hubert_pipeline.io import write_json
 from hubert_pipeline.launch import map_tasks
 from hubert_pipeline.manifest import read_manifest
@@ -38,13 +38,14 @@ def fit_subset(manifest: pl.DataFrame, fraction: float, seed: int) -> pl.DataFra
 
 def check_dump_fits(subset: pl.DataFrame, root: str | Path, *, dim: int, dtype: str) -> None:
     """Refuse, before any forward pass, a feature dump larger than the free space where it is written."""
-    need = int(int(subset["num_samples"].sum()) * FRAME_RATE / 16_000) * dim * np.dtype(dtype).itemsize
+    samples = int(subset["num_samples"].sum())
+    need = int(samples * FRAME_RATE / SAMPLE_RATE) * dim * np.dtype(dtype).itemsize
     folder = Path(root).absolute()
     while not folder.exists():
         folder = folder.parent
     free = shutil.disk_usage(folder).free
     if need > free:
-        hours = int(subset["num_samples"].sum()) / 16_000 / 3600
+        hours = samples / SAMPLE_RATE / 3600
         raise ValueError(
             f"the layer features of the k-means fitting subset ({subset.height} files, {hours:.1f} h of audio: "
             f"{need / 1e9:.1f} GB at {dim} x {dtype}) do not fit in the {free / 1e9:.1f} GB free under {folder}: "
