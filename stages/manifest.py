@@ -21,7 +21,7 @@ if __name__ == "__main__":
     import mlflow
     import polars as pl
 
-    from hubert_pipeline.manifest import build_manifest, check_splits_apart, discover_all, write_csv
+    from hubert_pipeline.manifest import build_manifest, check_splits_apart, discover_all, write_csv, write_manifest
     from hubert_pipeline.params import load_params
     from hubert_pipeline.tracking import stage_run
 
@@ -46,7 +46,7 @@ if __name__ == "__main__":
     }
     with stage_run("manifest", mlflow_params=params.mlflow, params={"manifest": params.manifest, "data": params.data}):
         for split, (manifest, _) in results.items():
-            write_csv(manifest, out / f"{split}.csv")
+            write_manifest(manifest, out / f"{split}.csv")
             hours = int(manifest["num_samples"].sum()) / 16_000 / 3600
             mlflow.log_metrics({f"{split}_files": manifest.height, f"{split}_hours": hours})
         skipped = pl.concat([s.with_columns(pl.lit(split).alias("split")) for split, (_, s) in results.items()])

@@ -18,9 +18,11 @@ from hubert_pipeline.manifest import (
     check_sources,
     check_splits_apart,
     discover_all,
+    read_checked_manifest,
     read_manifest,
     short_files,
     write_csv,
+    write_manifest,
 )
 
 
@@ -268,3 +270,43 @@ def test_a_listing_of_missing_files_other_extensions_or_no_files_is_refused_nami
     listing.write_text(f"{corpus}\n")
     with pytest.raises(ValueError, match=r"train\.tsv: lists no files"):
         build_manifest(listing)
+
+
+def test_a_pipelines_manifest_names_its_files_relative_to_it_and_still_reads_them_after_the_project_moves(tmp_path):
+    """A manifest restored by DVC's run cache into a `dvc exp run --temp` copy, or a project moved or cloned elsewhere,
+    names the same files there: inside the project relative to its folder (dvc.yaml's), outside it absolute."""
+    from hubert_pipeline.data import read_labeled_manifest
+    from hubert_pipeline.units import merge_units
+
+    project, outside = tmp_path / "project", tmp_path / "corpora" / "other"
+    (project / "dvc.yaml").parent.mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    write_wav(project / "data" / "spk1" / "a-001.wav", tone(1.0))
+    write_wav(outside / "b-001.wav", tone(0.5, freq=330))
+    with tarfile.open(project / "data.tar", "w") as tar:
+        tar.add(project / "data" / "spk1" / "a-001.wav", arcname="t/c-001.wav")
+    manifest = pl.concat([build_manifest(project / "data")[0], build_manifest(outside)[0]])
+    write_manifest(manifest, project / "out" / "train.csv")
+    write_manifest(build_manifest(project / "data.tar")[0], project / "out" / "tar.csv")
+    written = pl.read_csv(project / "out" / "train.csv")["path"].to_list()
+    assert written == ["data/spk1/a-001.wav", str((outside / "b-001.wav").resolve())]
+    tar_row = pl.read_csv(project / "out" / "tar.csv").row(0, named=True)
+    assert (tar_row["archive"], tar_row["path"]) == ("data.tar", "t/c-001.wav")
+    merge_units(read_manifest(project / "out" / "train.csv"), {"a-001": [1] * 49, "b-001": [2] * 24},
+                project / "out" / "train.jsonl", step=1, tolerance=1)  # fmt: skip
+    assert '"path":"data/spk1/a-001.wav"' in (project / "out" / "train.jsonl").read_text()
+
+    moved = tmp_path / "moved" / "project"  # the run cache's copy elsewhere: the files there, not the old ones
+    moved.parent.mkdir()
+    project.rename(moved)
+    (rows, _), tar = (
+        read_checked_manifest(moved / "out" / "train.csv").to_dicts(),
+        read_checked_manifest(moved / "out" / "tar.csv"),
+    )
+    assert rows["path"] == str(moved / "data/spk1/a-001.wav")
+    assert tar["archive"].to_list() == [str(moved / "data.tar")]
+    for row in [rows, *tar.to_dicts()]:
+        assert load_audio(source_of(row)).numel() == row["num_samples"] == 16_000
+    labeled = read_labeled_manifest(moved / "out" / "train.jsonl")
+    assert [r["path"] for r in labeled] == [str(moved / "data/spk1/a-001.wav"), str((outside / "b-001.wav").resolve())]
+    assert read_manifest(moved / "out" / "train.csv", resolve=False)["path"][0] == "data/spk1/a-001.wav"

@@ -198,6 +198,7 @@ def test_the_readme_parser_finds_every_command_block_and_quoted_command():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # the demo and every README command: 15 minutes on a quick machine, 3x that on a slow one
 def test_every_readme_command_works_as_typed_after_the_demo(demo):
     blocks = readme_blocks((demo / "README.md").read_text())
     last = [b for b in blocks if b.commands[0].startswith(LAST)]

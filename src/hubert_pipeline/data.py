@@ -24,6 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hubert_pipeline.audio import load_audio, source_of
+from hubert_pipeline.manifest import project_root
 from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS, conv_frames
 
 STRIDE = 320  # samples per model frame: crops start on frame boundaries, so labels stay exactly aligned
@@ -69,8 +70,9 @@ def read_labeled_manifest(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest with units")
+    root = project_root(path)
     with path.open(encoding="utf-8") as f:
-        rows = [_labeled_row(line) for line in f if line.strip()]
+        rows = [_labeled_row(line, root) for line in f if line.strip()]
     if not rows:
         raise ValueError(f"{path}: empty manifest")
     if missing := {"fileid", "path", "num_samples", "units"} - set(rows[0]):
@@ -78,10 +80,13 @@ def read_labeled_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
-def _labeled_row(line: str) -> dict:
+def _labeled_row(line: str, root: Path | None) -> dict:
     row = json.loads(line)
     if "units" in row:
         row["units"] = np.asarray(row["units"], dtype=np.int32)
+    key = "archive" if row.get("archive") else "path"
+    if root is not None and not row[key].startswith("/"):
+        row[key] = str(root / row[key])  # named relative to its project's folder (manifest.relative_sources)
     return row
 
 

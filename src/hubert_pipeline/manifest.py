@@ -6,6 +6,10 @@ and `channels` (a file that is not 16 kHz mono is read converted: `audio.source_
 converted length), plus `file_size,file_mtime_ns` of the file (or archive) as probed: `check_sources` finds files
 that moved or changed since, before a stage spends hours on them. Bad files either fail the stage (default) or
 are skipped and listed with their reason.
+
+A manifest inside a pipeline (a folder holding dvc.yaml above it) names the files inside that folder relative to
+it, so that it means the same files wherever the project is: in a `dvc exp run --temp/--queue` copy, restored from
+DVC's run cache or pulled from a remote, in a clone elsewhere. Readers resolve them against the same folder.
 """
 
 import dataclasses
@@ -183,15 +187,54 @@ def short_files(manifest: pl.DataFrame, min_samples: int) -> pl.DataFrame:
     return manifest.filter(pl.col("num_samples") < min_samples).select("fileid", "path", "num_samples")
 
 
-def read_manifest(path: str | Path) -> pl.DataFrame:
-    """Read a manifest (CSV or JSONL) and check its columns, naming the file when they are wrong."""
+def read_manifest(path: str | Path, *, resolve: bool = True) -> pl.DataFrame:
+    """Read a manifest (CSV or JSONL) and check its columns, naming the file when they are wrong; its relative
+    paths resolved against its project's folder (`resolve=False`: as written)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such manifest")
     df = pl.read_ndjson(path) if path.suffix == ".jsonl" else pl.read_csv(path)
     if missing := [c for c in MANIFEST_COLUMNS if c not in df.columns]:
         raise ValueError(f"{path}: manifest lacks column(s) {missing}")
-    return df
+    root = project_root(path)
+    return resolved_sources(df, root) if resolve and root else df
+
+
+def project_root(path: str | Path) -> Path | None:
+    """The pipeline folder a manifest at `path` belongs to: the nearest folder above it holding dvc.yaml."""
+    for folder in Path(path).resolve().parents:
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return None
+
+
+def _source_columns(df: pl.DataFrame) -> dict[str, pl.Expr]:
+    """The columns naming a file on disk: `archive` where a row has one (its `path` is then the member's name inside
+    the archive), else `path`."""
+    if "archive" not in df.columns:
+        return {"path": pl.lit(value=True)}
+    return {"path": pl.col("archive").is_null(), "archive": pl.col("archive").is_not_null()}
+
+
+def relative_sources(df: pl.DataFrame, root: Path | None) -> pl.DataFrame:
+    """`df` with the files under `root` named relative to it (files elsewhere keep their absolute path)."""
+    if root is None:
+        return df
+    prefix = f"{root.resolve()}/"
+    return df.with_columns(
+        pl.when(on & pl.col(c).str.starts_with(prefix)).then(pl.col(c).str.strip_prefix(prefix)).otherwise(pl.col(c))
+        .alias(c)
+        for c, on in _source_columns(df).items()
+    )  # fmt: skip
+
+
+def resolved_sources(df: pl.DataFrame, root: Path) -> pl.DataFrame:
+    """`relative_sources` undone: relative file names made absolute against `root`."""
+    return df.with_columns(
+        pl.when(on & ~pl.col(c).str.starts_with("/")).then(pl.lit(f"{root}/") + pl.col(c)).otherwise(pl.col(c))
+        .alias(c)
+        for c, on in _source_columns(df).items()
+    )  # fmt: skip
 
 
 def check_sources(manifest: pl.DataFrame | list[dict], name: str | Path, *, workers: int = 8) -> None:
@@ -233,6 +276,11 @@ def _source_problem(row: dict) -> str | None:
 def write_csv(df: pl.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         df.write_csv(tmp)
+
+
+def write_manifest(df: pl.DataFrame, path: str | Path) -> None:
+    """Write a manifest (CSV), the files inside its project named relative to the project's folder."""
+    write_csv(relative_sources(df, project_root(path)), path)
 
 
 def check_splits_apart(roots: dict[str, str | Path], found: dict[str, list[tuple[str, AudioSource]]]) -> None:

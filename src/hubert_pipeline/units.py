@@ -23,7 +23,7 @@ import polars as pl
 
 from hubert_pipeline.io import atomic_open, write_json
 from hubert_pipeline.launch import map_tasks
-from hubert_pipeline.manifest import read_manifest
+from hubert_pipeline.manifest import project_root, read_manifest, relative_sources
 from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import FeatureStore
@@ -152,8 +152,8 @@ def merge_units(
         raise LengthMismatchError(
             f"{len(errors)} file(s) with units/audio length mismatch:\n  " + "\n  ".join(errors[:20]) + more
         )
-    with atomic_open(output) as f:
-        for row in manifest.iter_rows(named=True):
+    with atomic_open(output) as f:  # the files of its project named relative to it, as in its manifest
+        for row in relative_sources(manifest, project_root(output)).iter_rows(named=True):
             fid, expected = row["fileid"], model_frames(row["num_samples"])
             fitted, _ = fit_length(np.asarray(units[fid], dtype=np.int64)[::step], expected, tolerance, fid)
             f.write(json.dumps({**row, "units": fitted.tolist()}, separators=(",", ":")) + "\n")
