@@ -99,3 +99,8 @@ def test_summary_of_a_revision_reads_its_files_not_the_workspaces(tmp_path, monk
     assert "| it1 layer 1 | 500 | 0.654 |" in old
     assert "0.321" not in old
     assert "Unit quality of HEAD" in old
+    cmd = [sys.executable, "-m", "hubert_pipeline.summary", "--root", str(tmp_path), "--rev", "ml5-s0"]
+    unknown = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert unknown.returncode == 2
+    assert "--rev ml5-s0: unknown Git revision 'ml5-s0'; the experiments here: uv run dvc exp list" in unknown.stderr
+    assert "Traceback" not in unknown.stderr

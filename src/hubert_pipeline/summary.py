@@ -144,7 +144,12 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(), help="the project folder (where dvc.yaml is)")
     parser.add_argument("--rev", help="a DVC experiment (e.g. demo-long) or git revision instead of the workspace")
     args = parser.parse_args()
-    print(summary(args.root, args.rev))
+    from dvc.scm import RevError
+
+    try:
+        print(summary(args.root, args.rev))
+    except RevError as e:  # a mistyped or deleted experiment: its name, not DVC's traceback
+        parser.exit(2, f"--rev {args.rev}: {e}; the experiments here: uv run dvc exp list --all-commits\n")
 
 
 if __name__ == "__main__":
