@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,8 +65,9 @@ class Batch:
 def read_labeled_manifest(path: str | Path) -> list[dict]:
     """Rows of a manifest with units (JSONL written by the units stage); clear error naming the file.
 
-    Read line by line; each row's units become an int32 array (a list of ints takes 8 bytes a unit, and its pages
-    are copied into every data-loading worker as the reference counts change).
+    Read line by line; each row's units become an int16 array (int32 if a unit is negative or above 32767): a list
+    of ints takes 8 bytes a unit (28 more per int object), and its pages are copied into every data-loading worker as
+    the reference counts change. Memory: 2 bytes per unit, 20 ms of audio: 0.36 MB per audio hour per process.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,10 +82,17 @@ def read_labeled_manifest(path: str | Path) -> list[dict]:
     return rows
 
 
+def compact_units(values: Any) -> np.ndarray:
+    """Units as int16 (2 bytes a unit, any k up to 32768), int32 where one is negative or larger."""
+    units = np.asarray(values, dtype=np.int32)
+    fits = not units.size or (units.min() >= 0 and units.max() <= np.iinfo(np.int16).max)
+    return units.astype(np.int16) if fits else units
+
+
 def _labeled_row(line: str, root: Path | None) -> dict:
     row = json.loads(line)
     if "units" in row:
-        row["units"] = np.asarray(row["units"], dtype=np.int32)
+        row["units"] = compact_units(row["units"])
     key = "archive" if row.get("archive") else "path"
     if root is not None and not row[key].startswith("/"):
         row[key] = str(root / row[key])  # named relative to its project's folder (manifest.relative_sources)

@@ -109,12 +109,14 @@ def fit_length(units: np.ndarray, expected: int, tolerance: int, fileid: str) ->
 
 
 def read_parts(parts: Path, num_shards: int, *, step: int = 1) -> dict[str, np.ndarray]:
-    """fileid -> every `step`-th unit (int32) of every part file: 4 bytes a unit, not a list's 8-byte pointers, and
-    only the units the merge keeps (half of them for 100 Hz MFCC units)."""
+    """fileid -> every `step`-th unit (`compact_units`: 2 bytes a unit, not a list's 8-byte pointers) of every part
+    file, only the units the merge keeps (half of them for 100 Hz MFCC units)."""
+    from hubert_pipeline.data import compact_units
+
     units: dict[str, np.ndarray] = {}
     for s in range(num_shards):
         part = json.loads((parts / f"shard-{s:05d}.json").read_text())
-        units.update((fid, np.asarray(u, dtype=np.int32)[::step].copy()) for fid, u in part.items())
+        units.update((fid, compact_units(u)[::step].copy()) for fid, u in part.items())
     return units
 
 
