@@ -153,11 +153,12 @@ def server(command: str, url: str, cwd: Path) -> Generator[None]:
 
 
 def wait_for_queue(cwd: Path, timeout: float = 1800) -> str:
-    """After `dvc queue start`: wait until no experiment is queued or running; the final `dvc queue status`."""
+    """After `dvc queue start`: wait until no experiment is queued or running and no worker is busy (cleaning up an
+    experiment's copy); the final `dvc queue status`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = must(sh("uv run dvc queue status", cwd), "dvc queue status")
-        if not re.search(r"\b(Queued|Running)\b", status):
+        if not re.search(r"\b(Queued|Running)\b", status) and "0 active" in status:
             return status
         time.sleep(10)
     pytest.fail(f"the DVC queue did not finish in {timeout} s:\n{status}")

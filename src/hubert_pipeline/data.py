@@ -25,7 +25,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hubert_pipeline.audio import load_audio, source_of
-from hubert_pipeline.manifest import project_root
+from hubert_pipeline.io import project_root
 from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS, conv_frames
 
 STRIDE = 320  # samples per model frame: crops start on frame boundaries, so labels stay exactly aligned

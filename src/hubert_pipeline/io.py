@@ -58,3 +58,12 @@ def write_json(path: str | Path, obj: Any) -> None:
 def write_text(path: str | Path, text: str) -> None:
     with atomic_open(path) as f:
         f.write(text)
+
+
+def project_root(path: str | Path) -> Path | None:
+    """The pipeline folder a file at `path` belongs to (the nearest folder above it holding dvc.yaml), against which
+    its manifest's relative paths resolve (`manifest.relative_sources`); None outside a pipeline."""
+    for folder in Path(path).resolve().parents:
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return None

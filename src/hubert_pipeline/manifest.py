@@ -23,7 +23,7 @@ from typing import Literal
 import polars as pl
 
 from hubert_pipeline.audio import AudioSource, BadAudioError, Probe, Verify, file_id, probe, probe_format, source_of
-from hubert_pipeline.io import atomic_path
+from hubert_pipeline.io import atomic_path, project_root
 
 logger = logging.getLogger(__name__)
 
@@ -198,14 +198,6 @@ def read_manifest(path: str | Path, *, resolve: bool = True) -> pl.DataFrame:
         raise ValueError(f"{path}: manifest lacks column(s) {missing}")
     root = project_root(path)
     return resolved_sources(df, root) if resolve and root else df
-
-
-def project_root(path: str | Path) -> Path | None:
-    """The pipeline folder a manifest at `path` belongs to: the nearest folder above it holding dvc.yaml."""
-    for folder in Path(path).resolve().parents:
-        if (folder / "dvc.yaml").is_file():
-            return folder
-    return None
 
 
 def _source_columns(df: pl.DataFrame) -> dict[str, pl.Expr]:

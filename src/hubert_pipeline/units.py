@@ -21,9 +21,9 @@ from typing import overload
 import numpy as np
 import polars as pl
 
-from hubert_pipeline.io import atomic_open, write_json
+from hubert_pipeline.io import atomic_open, project_root, write_json
 from hubert_pipeline.launch import map_tasks
-from hubert_pipeline.manifest import project_root, read_manifest, relative_sources
+from hubert_pipeline.manifest import read_manifest, relative_sources
 from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS
 from hubert_pipeline.params import ExecutionParams
 from hubert_pipeline.store import FeatureStore
