@@ -144,6 +144,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path(), help="the project folder (where dvc.yaml is)")
     parser.add_argument("--rev", help="a DVC experiment (e.g. demo-long) or git revision instead of the workspace")
     args = parser.parse_args()
+    if args.rev is None:  # the workspace's files: no DVC to import
+        print(summary(args.root))
+        return
     from dvc.scm import RevError
 
     try:
