@@ -87,6 +87,8 @@ def run_measured(argv: list[str], *, cwd: Path | None = None, env: dict[str, str
         "returncode": proc.returncode,
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
+        "user_s": usage.ru_utime,  # user and system (the kernel's reads, writes, page faults) apart
+        "sys_s": usage.ru_stime,
         "peak_rss_gb": usage.ru_maxrss * 1024 / GB,
         "peak_anon_gb": peak_anon[0] * 1024 / GB,
     }
@@ -130,9 +132,10 @@ def sh(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
     return result.stdout
 
 
-def make_repo(root: Path, corpus: Path, measures: Path, *, steps: int, threads: int, overrides: list[str]) -> None:
+def make_repo(root: Path, corpus: Path, measures: Path, *, steps: int, threads: int, overrides: list[str],
+              checksum_jobs: int | None = None) -> None:  # fmt: skip
     """A git + DVC repository with this checkout's pipeline, pointed at `corpus`, its commands measured, the params
-    `overrides` (SECTION.KEY=VALUE, the value read as YAML) applied."""
+    `overrides` (SECTION.KEY=VALUE, the value read as YAML) applied, DVC hashing with `core.checksum_jobs` if given."""
     root.mkdir(parents=True)
     for name in ("params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
@@ -159,6 +162,8 @@ def make_repo(root: Path, corpus: Path, measures: Path, *, steps: int, threads: 
     sh(["git", "init", "-q"], root)
     sh([dvc(), "init", "-q"], root)
     shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")
+    if checksum_jobs:
+        sh([dvc(), "config", "--local", "core.checksum_jobs", str(checksum_jobs)], root)
     sh(["git", "add", "-A"], root)
     sh(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "bench"], root)
 
@@ -221,10 +226,12 @@ def bench_size(hours: float, args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"scale_corpus.py failed for {tag}")
     for folder in (root, measures):
         shutil.rmtree(folder, ignore_errors=True)
-    make_repo(root, corpus, measures, steps=args.steps, threads=args.threads, overrides=args.set)
+    make_repo(root, corpus, measures, steps=args.steps, threads=args.threads, overrides=args.set,
+              checksum_jobs=args.checksum_jobs)  # fmt: skip
     env = stage_env(args.threads)
     result: dict[str, Any] = {"hours_requested": hours, "threads": args.threads, "steps": args.steps, "stages": {}}
     result["overrides"] = args.set
+    result["checksum_jobs"] = args.checksum_jobs
     for stage in STAGES[: args.stages]:
         print(f"{tag}: {stage} ...", flush=True)
         result["stages"][stage] = measure_stage(root, stage, measures, env)
@@ -258,6 +265,8 @@ def main() -> None:
     parser.add_argument("--hours", type=float, nargs="+", default=[1.0, 10.0, 100.0], help="corpus sizes")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and execution.workers")
     parser.add_argument("--steps", type=int, default=200, help="train_it1.max_steps")
+    parser.add_argument("--checksum-jobs", type=int, default=None,
+                        help="DVC's core.checksum_jobs (default: DVC's, max(1, min(4, cores // 2)))")  # fmt: skip
     parser.add_argument("--valid-hours", type=float, default=0.1, help="the validation split of every corpus")
     parser.add_argument(
         "--source", type=Path, default=REPO / "data/demo/wav/train", help="audio the corpora derive from"

@@ -16,8 +16,8 @@ TARGETS = {  # name: (training hours, files, corpus GB as distributed)
     "Libri-Light 60k h": (60_000.0, round(60_000 * 3600 / 12.3), 3_600.0),  # cut into LibriSpeech-length files
 }
 STAGE_HEADER = (
-    "| corpus | wall s | CPU s | audio h / wall h | peak RSS GB | peak anon GB | disk written GB "
-    "| DVC overhead s (share) | DVC CPU s | `dvc status` s | load |"
+    "| corpus | wall s | CPU s (user + sys where measured) | audio h / wall h | peak RSS GB | peak anon GB "
+    "| disk written GB | DVC overhead s (share) | DVC CPU s | `dvc status` s | load |"
 )
 NOTES = {"manifest": " (per file)", "pretrain_it1": " (its fixed steps, not a recipe: start-up grows)"}
 DVC_GOAL = 0.10  # DVC's overhead at most 10 % of the stage's work
@@ -26,6 +26,11 @@ LONG_STAGE_S = 60.0
 
 def hours_of(r: dict[str, Any]) -> float:
     return r["train_hours"] + r["valid_hours"]
+
+
+def _cpu_cell(c: dict[str, Any]) -> str:
+    """CPU seconds, with user and system apart where measured (runs before the split have the sum only)."""
+    return f"{c['cpu_s']:.1f} ({c['user_s']:.1f} + {c['sys_s']:.1f})" if "sys_s" in c else f"{c['cpu_s']:.1f}"
 
 
 def _stage_rows(results: dict[str, dict[str, Any]], stage: str) -> list[str]:
@@ -39,7 +44,7 @@ def _stage_rows(results: dict[str, dict[str, Any]], stage: str) -> list[str]:
         load = "-".join(f"{x:.1f}" for x in s["load_average"])
         rows.append(
             f"| {name} ({hours_of(r):.2f} h, {r['train_files'] + r['valid_files']} files) | {c['wall_s']:.1f} "
-            f"| {c['cpu_s']:.1f} | {hours_of(r) * 3600 / c['wall_s']:,.0f} | {c['peak_rss_gb']:.2f} "
+            f"| {_cpu_cell(c)} | {hours_of(r) * 3600 / c['wall_s']:,.0f} | {c['peak_rss_gb']:.2f} "
             f"| {c['peak_anon_gb']:.2f} | {s['disk_written_gb']:.3f} | {o['wall_s']:.1f} ({share:.0%}) "
             f"| {o['cpu_s']:.1f} | {s['dvc_status']['wall_s']:.1f} | {load} |"
         )

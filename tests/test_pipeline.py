@@ -49,8 +49,9 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
-    for folder in ("stages", "src", "mlruns"):
+    for folder in ("stages", "src"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "mlruns").mkdir()  # the checkout's tracked folder, not a developer's store in it
     params = yaml.safe_load((root / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)

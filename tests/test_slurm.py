@@ -63,8 +63,9 @@ def make_project(root: Path, *, slurm: bool, extra: dict | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
         shutil.copy(REPO / name, root / name)
-    for folder in ("stages", "src", "mlruns", "slurm"):
+    for folder in ("stages", "src", "slurm"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "mlruns").mkdir()  # the checkout's tracked folder, not a developer's store in it
     params = yaml.safe_load((root / "params.yaml").read_text())
     for section, values in (TINY | (extra or {})).items():
         params[section].update(values)

@@ -1,6 +1,9 @@
+import json
+
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from hubert_pipeline.store import (
     FeatureStore,
@@ -12,15 +15,16 @@ from hubert_pipeline.store import (
 )
 
 
-def make_store(root, lengths, *, num_shards=2, dim=3, dtype="float32"):
+def make_store(root, lengths, *, num_shards=2, dim=3, dtype="float32", deltas=0):
     rng = np.random.default_rng(0)
-    items = {f"f{i:03d}": rng.normal(size=(n, dim)).astype(np.float32) for i, n in enumerate(lengths)}
+    stored = dim // (deltas + 1)
+    items = {f"f{i:03d}": rng.normal(size=(n, stored)).astype(np.float32) for i, n in enumerate(lengths)}
     manifest = pl.DataFrame({"fileid": list(items), "path": list(items), "num_samples": lengths})
     sharded = assign_shards(manifest, num_shards)
     for s in range(num_shards):
         ids = sharded.filter(pl.col("shard") == s)["fileid"]
-        write_shard(root, s, ((fid, items[fid]) for fid in ids), dtype=dtype, dim=dim)
-    finalize_store(root, num_shards=num_shards, dim=dim, dtype=dtype, frame_rate=100.0)
+        write_shard(root, s, ((fid, items[fid]) for fid in ids), dtype=dtype, dim=stored)
+    finalize_store(root, num_shards=num_shards, dim=dim, dtype=dtype, frame_rate=100.0, deltas=deltas)
     return items
 
 
@@ -94,3 +98,47 @@ def test_fraction_sample_is_seeded(tmp_path):
     assert store.sample_fileids(0.1, seed=0) == store.sample_fileids(0.1, seed=0)
     assert len(store.sample_fileids(0.1, seed=0)) == 2
     assert store.sample_fileids(0.5, seed=0) != store.sample_fileids(0.5, seed=1)
+
+
+def with_torchaudio_deltas(static: np.ndarray) -> torch.Tensor:
+    """The reference: torchaudio's compute_deltas (win_length 5, edges replicated) twice, as minimal_hubert does."""
+    from torchaudio.functional import compute_deltas
+
+    x = torch.from_numpy(static.astype(np.float32)).T
+    delta = compute_deltas(x)
+    return torch.cat([x, delta, compute_deltas(delta)]).T
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_store_of_static_coefficients_reads_them_with_their_deltas_per_file(tmp_path, dtype):
+    items = make_store(tmp_path / "s", [1, 2, 5, 0, 40], num_shards=2, dim=39, dtype=dtype, deltas=2)
+    store = FeatureStore(tmp_path / "s")
+    assert (store.meta.dim, store.meta.stored_dim, store.meta.deltas) == (39, 13, 2)
+    assert {np.load(tmp_path / "s" / f"shard-0000{i}.npy").shape[1] for i in range(2)} == {13}
+    for fid, static in items.items():
+        features = store.get(fid)
+        assert features.dtype == np.float32
+        assert features.shape == (len(static), 39)
+        if not len(static):
+            continue
+        reference = with_torchaudio_deltas(static.astype(dtype))  # the stored values (float16: rounded)
+        torch.testing.assert_close(torch.from_numpy(features), reference, rtol=1e-6, atol=1e-6)
+    chunks = list(store.iter_chunks(["f004", "f002"], chunk_frames=16))
+    np.testing.assert_array_equal(np.concatenate(chunks), np.concatenate([store.get("f004"), store.get("f002")]))
+
+
+def test_a_store_whose_dim_is_not_a_multiple_of_its_delta_orders_is_refused(tmp_path):
+    make_store(tmp_path / "s", [5], num_shards=1, dim=3)
+    with pytest.raises(ValueError, match="dim 3 is not a multiple of deltas"):
+        finalize_store(tmp_path / "s", num_shards=1, dim=3, dtype="float32", frame_rate=100.0, deltas=1)
+
+
+def test_a_store_written_before_the_deltas_field_reads_as_it_was(tmp_path):
+    items = make_store(tmp_path / "s", [4, 6], dim=39)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    del meta["deltas"]
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    store = FeatureStore(tmp_path / "s")
+    assert store.meta.deltas == 0
+    for fid, array in items.items():
+        np.testing.assert_array_equal(store.get(fid), array)

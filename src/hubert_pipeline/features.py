@@ -7,6 +7,10 @@ chunk by chunk, on CPU in compiled kernels around torch's rfft (`hubert_pipeline
 torch operations. torchaudio is not imported: the window, filterbank and DCT matrices are rebuilt with the
 float32 operations of `torchaudio.compliance.kaldi` (`hubert_pipeline.kaldi`, with the constants).
 
+The store holds the 13 static coefficients; Δ and ΔΔ are computed per file when it is read (`StoreMeta.deltas`),
+by the same kernel, so that the features read equal `mfcc_batch`'s bit for bit: a third of the bytes to write, to
+hash (DVC) and to keep (18 GB at 960 h, where 39 columns took 54 GB).
+
     python -m hubert_pipeline.features data/manifests/train.csv data/mfcc/train --num-shards 8 --workers 2
 """
 
@@ -16,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubert_pipeline.kaldi import DIM, FRAME_RATE, SAMPLE_RATE, num_frames
+from hubert_pipeline.kaldi import DELTA_ORDERS, DIM, FRAME_RATE, NUM_CEPS, SAMPLE_RATE, num_frames
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,8 +40,10 @@ def mfcc_batch(
     *,
     device: "str | torch.device | None" = None,
     chunk_rows: int | None = None,
+    deltas: bool = True,
 ) -> list["torch.Tensor"]:
-    """39-d MFCC of many utterances: (samples,) waveforms -> (frames, 39) float32 tensors on `device`.
+    """39-d MFCC of many utterances: (samples,) waveforms -> (frames, 39) float32 tensors on `device`; with
+    `deltas` False, (frames, 13): the static coefficients only (the feature store's: `store.StoreMeta.deltas`).
 
     A waveform is float in [-1, 1], or int16 16-bit PCM (scaled by 2^-15), as a tensor or a numpy array. `device`
     defaults to that of the first waveform (CPU for arrays). An utterance shorter than one window (400 samples)
@@ -63,12 +69,13 @@ def mfcc_batch(
 
         arrays = [w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else w for w in waveforms]
         arrays = [a if a.dtype == np.int16 else a.astype(np.float32, copy=False) for a in arrays]
-        return mfcc_arrays(arrays, chunk_rows or CHUNK_ROWS)
+        return mfcc_arrays(arrays, chunk_rows or CHUNK_ROWS, deltas=deltas)
     from hubert_pipeline.mfcc_torch import CHUNK_ROWS, mfcc_tensors
 
     tensors = [torch.tensor(as_float32(w)) if isinstance(w, np.ndarray) else w for w in waveforms]  # w may be read-only
     tensors = [t.to(device, torch.float32) * PCM16_SCALE if t.dtype == torch.int16 else t for t in tensors]
-    return mfcc_tensors(tensors, device, chunk_rows or CHUNK_ROWS)
+    features = mfcc_tensors(tensors, device, chunk_rows or CHUNK_ROWS)
+    return features if deltas else [f[:, :NUM_CEPS] for f in features]
 
 
 def mfcc(waveform: "torch.Tensor") -> "torch.Tensor":
@@ -102,7 +109,8 @@ def _resumable_frames(root: Path, shard: int, fileids: list[str], dtype: str) ->
         return None
     index = json.loads(shard_index_path(root, shard).read_text())
     array = np.load(shard_path(root, shard), mmap_mode="r", allow_pickle=False)
-    if [fileid for fileid, _, _ in index] != fileids or array.dtype != np.dtype(dtype) or array.shape[1:] != (DIM,):
+    same_files = [fileid for fileid, _, _ in index] == fileids
+    if not same_files or array.dtype != np.dtype(dtype) or array.shape[1:] != (NUM_CEPS,):
         logger.warning("shard %d in %s was written for other files or settings: recomputing it", shard, root)
         return None
     return sum(length for _, _, length in index)
@@ -141,7 +149,7 @@ def extract_mfcc_shard(
         logger.info("shard %d of %s is complete: skipped", shard, root)
         return frames
     items = _features(rows, batch_samples=max(1, round(batch_seconds * SAMPLE_RATE)), dtype=dtype, device=device)
-    frames = write_shard(root, shard, items, dtype=dtype, dim=DIM)  # streamed: one batch in memory, not the shard
+    frames = write_shard(root, shard, items, dtype=dtype, dim=NUM_CEPS)  # streamed: one batch in memory at a time
     logger.info("shard %d of %s: %d files, %d frames", shard, root, len(rows), frames)
     return frames
 
@@ -159,7 +167,7 @@ def _features(
                 logger.warning(
                     "%s: %d samples decoded, the manifest says %d", row["path"], waveform.shape[0], row["num_samples"]
                 )
-        features = mfcc_batch(waveforms, device=device)
+        features = mfcc_batch(waveforms, device=device, deltas=False)  # Δ and ΔΔ are computed on read
         for row, f in zip(batch, features, strict=True):
             yield row["fileid"], f.cpu().numpy().astype(dtype, copy=False)
 
@@ -190,7 +198,9 @@ def extract_mfcc(
         for shard in range(params.num_shards)
     ]
     map_tasks(extract_mfcc_shard, tasks, execution=execution, desc="mfcc", threads=True)
-    meta = finalize_store(root, num_shards=params.num_shards, dim=DIM, dtype=params.dtype, frame_rate=FRAME_RATE)
+    meta = finalize_store(
+        root, num_shards=params.num_shards, dim=DIM, dtype=params.dtype, frame_rate=FRAME_RATE, deltas=DELTA_ORDERS
+    )
     logger.info("%s: %d files, %d frames in %d shards", root, meta.num_files, meta.num_frames, meta.num_shards)
     return meta
 

@@ -24,7 +24,8 @@ LOW_FREQ = 20.0  # --low-freq; high freq = Nyquist
 NUM_CEPS = 13  # --num-ceps
 CEPSTRAL_LIFTER = 22.0  # --cepstral-lifter
 DELTA_WINDOW = 2  # compute_deltas(win_length=5): Δ[t] = Σ_k k (c[t+k] - c[t-k]) / (2 Σ_k k²), edges replicated
-DIM = 3 * NUM_CEPS  # 39
+DELTA_ORDERS = 2  # Δ and ΔΔ
+DIM = (DELTA_ORDERS + 1) * NUM_CEPS  # 39
 FRAME_RATE = SAMPLE_RATE / SHIFT  # 100 Hz
 FLOAT32_EPSILON = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, kaldi's floor on mel energies
 

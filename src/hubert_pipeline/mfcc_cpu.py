@@ -123,15 +123,36 @@ def _bands() -> _Bands:
     return _Bands(first, width, weights)
 
 
-def mfcc_arrays(waveforms: Sequence[np.ndarray], chunk_rows: int = CHUNK_ROWS) -> list["torch.Tensor"]:
+def append_deltas(features: np.ndarray, bounds: np.ndarray, orders: int = 2) -> None:
+    """In place: the columns after the first c = dim / (orders + 1) become Δ of the c before them, then ΔΔ, per
+    utterance (rows bounds[u] to bounds[u + 1]). `features` (frames, dim) float32, C-ordered: the layout the kernel
+    was compiled for, so that a store's Δ computed on read equal the ones computed with the MFCC bit for bit."""
+    c = features.shape[1] // (orders + 1)
+    for k in range(orders):
+        _deltas(features[:, k * c : (k + 1) * c], bounds, features[:, (k + 1) * c : (k + 2) * c])
+
+
+def with_deltas(static: np.ndarray, orders: int = 2) -> np.ndarray:
+    """(frames, c) static coefficients of one utterance (any float dtype) -> (frames, c x (orders + 1)) float32."""
+    frames, c = static.shape
+    out = np.empty((frames, c * (orders + 1)), np.float32)
+    out[:, :c] = static
+    append_deltas(out, np.array([0, frames], np.int64), orders)
+    return out
+
+
+def mfcc_arrays(
+    waveforms: Sequence[np.ndarray], chunk_rows: int = CHUNK_ROWS, *, deltas: bool = True
+) -> list["torch.Tensor"]:
     """39-d MFCC of many utterances on CPU: (samples,) float32 arrays in [-1, 1], or int16 PCM arrays, ->
-    (frames, 39) float32 tensors (views of one (frames of all, 39) tensor)."""
+    (frames, 39) float32 tensors (views of one (frames of all, 39) tensor); with `deltas` False the 13 static
+    coefficients only ((frames, 13) views of the same tensor: the same values)."""
     import torch
 
     counts = [num_frames(w.shape[0]) for w in waveforms]
     total = sum(counts)
     if total == 0:
-        return [torch.zeros(0, DIM) for _ in waveforms]
+        return [torch.zeros(0, DIM if deltas else NUM_CEPS) for _ in waveforms]
     if all(w.dtype == np.int16 for w in waveforms):
         samples, scale = np.concatenate(waveforms), np.float32(PCM16_SCALE)
     else:  # int16 ones scaled exactly, as load_audio does
@@ -156,7 +177,7 @@ def mfcc_arrays(waveforms: Sequence[np.ndarray], chunk_rows: int = CHUNK_ROWS) -
     features = torch.empty(total, DIM)
     log_mel = torch.from_numpy(mel).clamp_min_(FLOAT32_EPSILON).log_()
     torch.mm(log_mel, dct_lifter(), out=features[:, :NUM_CEPS])
-    out = features.numpy()
-    _deltas(out[:, :NUM_CEPS], bounds, out[:, NUM_CEPS : 2 * NUM_CEPS])
-    _deltas(out[:, NUM_CEPS : 2 * NUM_CEPS], bounds, out[:, 2 * NUM_CEPS :])
+    if not deltas:
+        return list(features[:, :NUM_CEPS].split(counts))
+    append_deltas(features.numpy(), bounds)
     return list(features.split(counts))

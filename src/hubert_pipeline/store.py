@@ -6,7 +6,10 @@ Layout of a store folder:
     shard-00000.json   that shard's index: [[fileid, offset, length], ...]; written after the .npy, so it marks
                        the shard complete (a rerun or a requeued array task skips complete shards)
     index.parquet      fileid -> shard, offset, length (rows of its shard array), for the whole store
-    meta.json          dim, dtype, frame_rate, counts; written last: a store without it is incomplete
+    meta.json          dim, dtype, frame_rate, counts, deltas; written last: a store without it is incomplete
+
+A store may hold static coefficients only (MFCC: 13 of 39 columns, `deltas: 2`): reads return the features with
+their Δ (and ΔΔ) computed per file, as float32; the shards hold dim / (deltas + 1) columns.
 
 Shards are the unit of parallel work: a local worker or a SLURM array task computes one shard at a time.
 """
@@ -41,6 +44,11 @@ class StoreMeta:
     num_shards: int
     num_files: int
     num_frames: int
+    deltas: int = 0  # Δ orders computed per file on read (MFCC: 2); the shards hold dim / (deltas + 1) columns
+
+    @property
+    def stored_dim(self) -> int:
+        return self.dim // (self.deltas + 1)
 
 
 def shard_path(root: str | Path, shard: int) -> Path:
@@ -111,8 +119,14 @@ def _write_npy_header(f: BinaryIO, *, rows: int, dim: int, dtype: str) -> int:
     return f.tell() - start
 
 
-def finalize_store(root: str | Path, *, num_shards: int, dim: int, dtype: str, frame_rate: float) -> StoreMeta:
-    """Check every shard is complete, write index.parquet then meta.json (which marks the store complete)."""
+def finalize_store(
+    root: str | Path, *, num_shards: int, dim: int, dtype: str, frame_rate: float, deltas: int = 0
+) -> StoreMeta:
+    """Check every shard is complete, write index.parquet then meta.json (which marks the store complete).
+
+    `dim`: the features' columns as read; with `deltas`, the shards hold dim / (deltas + 1) of them."""
+    if dim % (deltas + 1):
+        raise ValueError(f"dim {dim} is not a multiple of deltas + 1 = {deltas + 1}")
     root = Path(root)
     if missing := [s for s in range(num_shards) if not is_shard_complete(root, s)]:
         raise IncompleteStoreError(f"{root}: shards {missing[:10]} are missing or incomplete")
@@ -135,6 +149,7 @@ def finalize_store(root: str | Path, *, num_shards: int, dim: int, dtype: str, f
         num_shards=num_shards,
         num_files=index.height,
         num_frames=int(index["length"].sum()),
+        deltas=deltas,
     )
     write_json(root / "meta.json", asdict(meta))
     return meta
@@ -164,17 +179,24 @@ class FeatureStore:
         return self.index["fileid"].to_list()
 
     def shard(self, shard: int) -> np.ndarray:
+        """The shard's stored columns, memory-mapped (without the Δ a store of static coefficients adds on read)."""
         if shard not in self._shards:
             self._shards[shard] = np.load(shard_path(self.root, shard), mmap_mode="r", allow_pickle=False)
         return self._shards[shard]
 
     def get(self, fileid: str) -> np.ndarray:
-        """The (frames, dim) features of one file, as a read-only memory-mapped view."""
+        """The (frames, dim) features of one file: a read-only memory-mapped view, or for a store of static
+        coefficients a float32 array with their Δ computed (`StoreMeta.deltas`)."""
         try:
             shard, offset, length = self._rows[fileid]
         except KeyError:
             raise KeyError(f"{self.root}: no features for file id {fileid!r}") from None
-        return self.shard(shard)[offset : offset + length]
+        stored = self.shard(shard)[offset : offset + length]
+        if not self.meta.deltas:
+            return stored
+        from hubert_pipeline.mfcc_cpu import with_deltas
+
+        return with_deltas(stored, self.meta.deltas)
 
     def iter_chunks(self, fileids: Iterable[str] | None = None, *, chunk_frames: int) -> Iterator[np.ndarray]:
         """Yield float32 arrays of at most `chunk_frames` rows covering the given files (all by default), in order.

@@ -31,6 +31,7 @@ from hubert_pipeline.store import FeatureStore
 logger = logging.getLogger(__name__)
 
 MODEL_FRAME_RATE = 50.0  # HuBERT's conv feature extractor: 20 ms stride
+PREDICT_CHUNK = 65536  # frames read from a store and assigned at a time (10 MB of 39-d float32)
 CONV_LAYERS = FAIRSEQ_CONV_LAYERS  # the strides and kernels of every preset: 50 Hz frames
 
 
@@ -67,9 +68,11 @@ def transcribe_shard(store: str, centroids: str, parts: str, shard: int) -> int:
         return len(json.loads(out.read_text()))
     features = FeatureStore(store)
     c = load_centroids(centroids, dim=features.meta.dim)
-    rows = features.index.filter(pl.col("shard") == shard)
-    data = features.shard(shard)  # memory-mapped: predict copies one chunk at a time, never the whole shard
-    units = predict(data, c).numpy() if len(data) else np.zeros(0, int)
+    rows = features.index.filter(pl.col("shard") == shard).sort("offset")
+    # chunk by chunk (Δ computed on read for a store of static MFCC), never the whole shard in memory
+    chunks = features.iter_chunks(rows["fileid"].to_list(), chunk_frames=PREDICT_CHUNK)
+    assigned = [predict(chunk, c, chunk_frames=PREDICT_CHUNK).numpy() for chunk in chunks]
+    units = np.concatenate([np.zeros(0, np.int64), *assigned])
     result = {
         fid: units[off : off + n].tolist() for fid, off, n in rows.select("fileid", "offset", "length").iter_rows()
     }
