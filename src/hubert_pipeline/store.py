@@ -216,10 +216,10 @@ class FeatureStore:
                 filled += take
                 start += take
                 if filled == chunk_frames:
-                    yield np.concatenate(buffer).astype(np.float32)
+                    yield np.concatenate(buffer).astype(np.float32, copy=False)
                     buffer, filled = [], 0
         if filled:
-            yield np.concatenate(buffer).astype(np.float32)
+            yield np.concatenate(buffer).astype(np.float32, copy=False)
 
     def sample_fileids(self, fraction: float, *, seed: int) -> list[str]:
         """A seeded random subset of ceil(fraction * files) file ids, in store order."""

@@ -70,9 +70,10 @@ def transcribe_shard(store: str, centroids: str, parts: str, shard: int) -> int:
     c = load_centroids(centroids, dim=features.meta.dim)
     rows = features.index.filter(pl.col("shard") == shard).sort("offset")
     # chunk by chunk (Δ computed on read for a store of static MFCC), never the whole shard in memory
-    chunks = features.iter_chunks(rows["fileid"].to_list(), chunk_frames=PREDICT_CHUNK)
-    assigned = [predict(chunk, c, chunk_frames=PREDICT_CHUNK).numpy() for chunk in chunks]
-    units = np.concatenate([np.zeros(0, np.int64), *assigned])
+    units, done = np.empty(int(rows["length"].sum()), np.int64), 0  # filled in place: no list of parts to join
+    for chunk in features.iter_chunks(rows["fileid"].to_list(), chunk_frames=PREDICT_CHUNK):
+        units[done : done + len(chunk)] = predict(chunk, c, chunk_frames=PREDICT_CHUNK).numpy()
+        done += len(chunk)
     result = {
         fid: units[off : off + n].tolist() for fid, off, n in rows.select("fileid", "offset", "length").iter_rows()
     }
