@@ -33,7 +33,7 @@ EXEMPT = {  # command (its start) -> why it is not run by this test
     'uv run pytest -m "not slow"': CI_RUNS_IT,
     "uv run pytest -m slurm": CI_RUNS_IT,
     "uv run pytest -m server": CI_RUNS_IT,
-    "bash run.sh demo_long": "90 minutes on 2 cores: the demo_long profile, run by hand (docs/learning.md)",
+    "bash run.sh demo_long": "35 minutes to an hour on 2 cores: the demo_long profile, run by hand (docs/learning.md)",
     "uv run python -m hubert_pipeline.summary --rev demo-long": "reads the experiment `bash run.sh demo_long` makes",
     "uv run dvc exp run -S '++convert.corpora={train: /corpora/cv/train": "names the user's own corpora (/corpora/cv): "
     "the same stages run on planted MP3/FLAC corpora in tests/test_transcode.py",
