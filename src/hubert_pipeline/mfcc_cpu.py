@@ -24,6 +24,7 @@ import numpy as np
 
 from hubert_pipeline.audio import PCM16_SCALE, as_float32
 from hubert_pipeline.kaldi import (
+    DELTA_ORDERS,
     DIM,
     FFT_SIZE,
     FLOAT32_EPSILON,
@@ -123,7 +124,7 @@ def _bands() -> _Bands:
     return _Bands(first, width, weights)
 
 
-def append_deltas(features: np.ndarray, bounds: np.ndarray, orders: int = 2) -> None:
+def append_deltas(features: np.ndarray, bounds: np.ndarray, orders: int = DELTA_ORDERS) -> None:
     """In place: the columns after the first c = dim / (orders + 1) become Δ of the c before them, then ΔΔ, per
     utterance (rows bounds[u] to bounds[u + 1]). `features` (frames, dim) float32, C-ordered: the layout the kernel
     was compiled for, so that a store's Δ computed on read equal the ones computed with the MFCC bit for bit."""
@@ -132,7 +133,7 @@ def append_deltas(features: np.ndarray, bounds: np.ndarray, orders: int = 2) -> 
         _deltas(features[:, k * c : (k + 1) * c], bounds, features[:, (k + 1) * c : (k + 2) * c])
 
 
-def with_deltas(static: np.ndarray, orders: int = 2) -> np.ndarray:
+def with_deltas(static: np.ndarray, orders: int = DELTA_ORDERS) -> np.ndarray:
     """(frames, c) static coefficients of one utterance (any float dtype) -> (frames, c x (orders + 1)) float32."""
     frames, c = static.shape
     out = np.empty((frames, c * (orders + 1)), np.float32)
