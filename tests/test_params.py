@@ -19,7 +19,7 @@ def test_repository_params_file_loads_with_recipe_defaults():
     assert params.kmeans.k_it1 == 100
     assert params.kmeans.k == 500
     assert params.kmeans.fit_fraction == pytest.approx(1.0)  # the demo's; the presets set the recipe's 0.1
-    assert params.train_it1.mask_length == params.train_it2.mask_length == 5  # the demo's; the presets set 10
+    assert params.train_it1.mask_length == params.train_it2.mask_length == 2  # the demo's; the presets set 10
     assert params.demo.voices == ("kal", "ked", "slt")
     assert isinstance(params.demo.speeds, tuple)
 

@@ -113,7 +113,7 @@ def test_the_command_rewrites_params_in_place_keeping_comments_and_prints_each_c
     assert "# optimization.max_update (recipe: 250k)" in text
     assert load_params(params).train_it1.max_steps == 250_000
     assert "kmeans.fit_fraction: 1.0 -> 0.1" in out  # the recipe's 10 %, where the demo fits on every file
-    assert "train_it1.mask_length: 5 -> 10" in out  # the recipe's spans, where the demo masks 5 frames
+    assert "train_it1.mask_length: 2 -> 10" in out  # the recipe's spans, where the demo masks 2 frames
     table = subprocess.run([sys.executable, "-m", "hubert_pipeline.presets", "large", "--table"],
                            capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "| `optimization.clip_norm` | `train_it2.grad_clip` | `1.0` |" in table
