@@ -19,9 +19,9 @@ log() { printf '\033[1m[run.sh]\033[0m %s\n' "$*" >&2; }
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# System packages: FFmpeg's libraries for torchcodec, festival and its voices for the demo corpus,
+# System packages: FFmpeg's libraries for torchcodec, festival and its voices and eSpeak NG for the demo corpus,
 # SLURM and munge for the slurm-marked tests, PostgreSQL for a team's MLflow server (scripts/tracking_server.sh).
-APT_PACKAGES=(ffmpeg festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts slurm-wlm munge postgresql)
+APT_PACKAGES=(ffmpeg festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts espeak-ng slurm-wlm munge postgresql)
 
 install_system_packages() {
   local missing=()

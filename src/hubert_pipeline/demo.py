@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import unicodedata
 import wave
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hubert_pipeline import espeak
 from hubert_pipeline.io import atomic_open, atomic_path, write_json
 from hubert_pipeline.params import DemoParams
 
@@ -38,8 +40,10 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
 SPLITS = ("train", "valid", "abx")
-VOICES = {"kal": "kal_diphone", "ked": "ked_diphone", "slt": "cmu_us_slt_arctic_hts"}
-VOICE_COST = {"kal": 1, "ked": 1, "slt": 15}  # relative Festival time per second of audio: HTS is much slower
+FESTIVAL_VOICES = {"kal": "kal_diphone", "ked": "ked_diphone", "slt": "cmu_us_slt_arctic_hts"}
+VOICES = {**FESTIVAL_VOICES, **espeak.VOICES}  # demo voice -> the synthesizer's voice name
+# relative synthesis time per second of audio: HTS is much slower than diphones, formant synthesis much faster
+VOICE_COST = {"kal": 1.0, "ked": 1.0, "slt": 15.0} | dict.fromkeys(espeak.VOICES, 0.2)
 LICENSES = Path("/usr/share/common-licenses")
 ABX_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
 SILENCE = "pau"
@@ -243,13 +247,22 @@ def _festival_script(voice: str, batch: list[Job], folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_festival(voice: str, batch: list[Job], folder: Path) -> list[Synthesized]:
-    """Synthesize a batch of jobs of one voice in one Festival process; jobs Festival fails on are left out."""
-    script = folder / f"{batch[0].fileid}.scm"
-    script.write_text(_festival_script(voice, batch, folder), encoding="ascii")
-    proc = subprocess.run(["festival", "-b", str(script)], capture_output=True, text=True, check=False)
+def _command(voice: str, batch: list[Job], folder: Path) -> list[str]:
+    """The synthesizer process for a batch of one voice: Festival on a script, or eSpeak NG's worker on a job list."""
+    if voice in FESTIVAL_VOICES:
+        script = folder / f"{batch[0].fileid}.scm"
+        script.write_text(_festival_script(voice, batch, folder), encoding="ascii")
+        return ["festival", "-b", str(script)]
+    listing = folder / f"{batch[0].fileid}.tsv"
+    listing.write_text("".join(f"{job.fileid}\t{job.text}\n" for job in batch), encoding="utf-8")
+    return [sys.executable, "-m", "hubert_pipeline.espeak", VOICES[voice], str(listing), str(folder)]
+
+
+def run_synthesizer(voice: str, batch: list[Job], folder: Path) -> list[Synthesized]:
+    """Synthesize a batch of jobs of one voice in one process; jobs the synthesizer fails on are left out."""
+    proc = subprocess.run(_command(voice, batch, folder), capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not proc.stdout.startswith("VOICE-OK"):
-        raise RuntimeError(f"festival failed on voice {VOICES[voice]} (rc {proc.returncode}): {proc.stderr[-2000:]}")
+        raise RuntimeError(f"synthesis failed on voice {VOICES[voice]} (rc {proc.returncode}): {proc.stderr[-2000:]}")
     ends: dict[str, list[tuple[str, float]]] = {}
     done: set[str] = set()
     for line in proc.stdout.splitlines():
@@ -264,12 +277,12 @@ def run_festival(voice: str, batch: list[Job], folder: Path) -> list[Synthesized
     results = []
     for job in batch:
         if job.fileid not in done or not ends[job.fileid]:
-            logger.warning("festival failed on %s (%r); skipped", job.fileid, job.text)
+            logger.warning("%s failed on %s (%r); skipped", VOICES[voice], job.fileid, job.text)
             continue
         path = folder / f"{job.fileid}.wav"
         with wave.open(str(path), "rb") as w:
             if w.getnchannels() != 1 or w.getsampwidth() != 2:  # noqa: PLR2004
-                raise RuntimeError(f"festival wrote {path} with {w.getnchannels()} channels, {w.getsampwidth()} bytes")
+                raise RuntimeError(f"{VOICES[voice]} wrote {path} with {w.getnchannels()} channels, {w.getsampwidth()} bytes")
             results.append(Synthesized(job, path, w.getframerate(), w.getnframes(), tuple(ends[job.fileid])))
     return results
 
@@ -445,12 +458,12 @@ def _synthesize_splits(
             batches = _batches(todo, workers)
             logger.debug("round of %d jobs in %d batches", len(todo), len(batches))
             done: dict[Job, Synthesized] = {}
-            for future in [pool.submit(run_festival, b[0].speaker.voice, b, folder) for b in batches]:
+            for future in [pool.submit(run_synthesizer, b[0].speaker.voice, b, folder) for b in batches]:
                 for synth in future.result():
                     done[synth.job] = synth
                     bar.update(min(round(synth.duration), bar.total - bar.n))
             if not done:
-                raise RuntimeError("festival synthesized none of the planned utterances")
+                raise RuntimeError("the synthesizers synthesized none of the planned utterances")
             for split in pending:
                 results[split] += [done[j] for j in todo if j.split == split and j in done]
                 if (k := _accepted(results[split], seconds[split], speakers)) is not None:
@@ -458,7 +471,7 @@ def _synthesize_splits(
                     results[split] = results[split][:k]
             synthesized = [s for split in results for s in results[split]]
             rate = sum(s.duration * s.job.speaker.speed for s in synthesized) / sum(s.job.words for s in synthesized)
-    raise RuntimeError(f"demo splits {pending} not complete after {MAX_ROUNDS} rounds: festival fails on a speaker?")
+    raise RuntimeError(f"demo splits {pending} not complete after {MAX_ROUNDS} rounds: a synthesizer fails on a speaker?")
 
 
 def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1) -> dict:
@@ -469,8 +482,10 @@ def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1
     speakers = speakers_of(params)
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if shutil.which("festival") is None:
+    if shutil.which("festival") is None and any(s.voice in FESTIVAL_VOICES for s in speakers):
         raise RuntimeError("festival is not on PATH (apt-get install festival festvox-kallpc16k ...)")
+    if not espeak.available() and any(s.voice in espeak.VOICES for s in speakers):
+        raise RuntimeError("eSpeak NG is not installed (apt-get install espeak-ng), needed by the demo's espeak voices")
     minutes = {"train": params.train_minutes, "valid": params.valid_minutes, "abx": params.abx_minutes}
     utts = utterances(sentences(read_text(params.text)), params.seed)
     if not utts:
@@ -481,7 +496,7 @@ def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = {split: 60 * m for split, m in minutes.items()}
     with (
-        tempfile.TemporaryDirectory(dir=out_dir, prefix=".festival-") as tmp,
+        tempfile.TemporaryDirectory(dir=out_dir, prefix=".synth-") as tmp,
         ThreadPoolExecutor(max_workers=workers) as pool,
     ):
         results = _synthesize_splits(streams, seconds, len(speakers), Path(tmp), pool=pool, workers=workers)
