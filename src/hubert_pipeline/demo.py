@@ -370,6 +370,8 @@ def write_wav(synth: Synthesized, path: Path, params: DemoParams) -> None:
     x = torch.from_numpy(samples.astype(np.float32) / 32768)
     if synth.orig_freq != SAMPLE_RATE:
         x = resample(x, synth.orig_freq, SAMPLE_RATE)
+        # torchaudio sizes its output in float32, one sample short at some lengths: pad to the exact length (a zero)
+        x = torch.nn.functional.pad(x, (0, synth.num_output_samples - x.numel()))
     assert x.numel() == synth.num_output_samples, (x.numel(), synth.num_output_samples)
     if params.room_rt60 or params.noise_snr_db:
         x = torch.from_numpy(room_and_noise(x.double().numpy(), _file_rng(params.seed, synth.job.fileid), params))
