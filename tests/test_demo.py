@@ -14,19 +14,31 @@ from hubert_pipeline.demo import (
     ABX_HEADER,
     SAMPLE_RATE,
     SPLITS,
+    Job,
+    Speaker,
     _file_rng,
     read_text,
     regions,
     room_and_noise,
     room_response,
+    run_synthesizer,
     sentences,
     synthesize_demo,
     utterances,
 )
+from hubert_pipeline.espeak import phone_ends
 from hubert_pipeline.params import DemoParams
 
-# 3 voices (slt's HTS writes 32 kHz) x 2 speeds (one up, one down): 6 speakers, so 6 files at least per split
-PARAMS = DemoParams(seed=3, train_minutes=0.2, valid_minutes=0.2, abx_minutes=0.2, speeds=(0.9, 1.12))
+# 3 Festival voices (slt's HTS writes 32 kHz) and an eSpeak NG one (22.05 kHz) x 2 speeds (one up, one down):
+# 8 speakers, so 8 files at least per split
+PARAMS = DemoParams(
+    seed=3,
+    train_minutes=0.2,
+    valid_minutes=0.2,
+    abx_minutes=0.2,
+    voices=("kal", "ked", "slt", "espeak-f2"),
+    speeds=(0.9, 1.12),
+)
 SPEAKERS = {f"{voice}-s{round(speed * 100):03d}" for voice in PARAMS.voices for speed in PARAMS.speeds}
 
 
@@ -215,3 +227,68 @@ def test_a_short_text_is_read_again_by_other_speakers_and_a_smaller_rerun_remove
     assert len({tuple(phone for _, _, phone in r["phones"]) for r in train}) == 1  # one utterance, read again
     assert {r["speaker"] for r in train} == {"kal-s100", "kal-s110"}
     assert len(list((tmp_path / "out" / "wav" / "train").rglob("*.wav"))) == len(train)
+
+
+def _espeak(texts: list[str], folder: Path) -> dict[str, tuple[bytes, list[str]]]:
+    jobs = [Job("train", k, text, Speaker("espeak-f2", 1.0)) for k, text in enumerate(texts)]
+    folder.mkdir()
+    return {
+        s.job.text: (s.path.read_bytes(), [phone for phone, _ in s.ends])
+        for s in run_synthesizer("espeak-f2", jobs, folder)
+    }
+
+
+def test_espeak_voice_gives_festival_phones_and_the_same_bytes_in_any_batch(tmp_path):
+    first, second = "She sells sea shells by the shore.", "Fish and chips."
+    together = _espeak([first, second], tmp_path / "a")
+    alone = _espeak([second], tmp_path / "b")
+    assert together[first][1] == [
+        "pau",
+        "sh",
+        "iy",
+        "s",
+        "eh",
+        "z",
+        "s",
+        "iy",
+        "sh",
+        "eh",
+        "z",
+        "b",
+        "ay",
+        "dh",
+        "ax",
+        "sh",
+        "ao",
+        "pau",
+    ]  # fmt: skip  (eSpeak sounds a vowel's following l inside it)
+    assert together[second][1] == ["pau", "f", "ih", "sh", "ae", "n", "d", "ch", "ih", "p", "s", "pau"]
+    assert together[second] == alone[second]
+
+
+def _zero_crossings(path: Path, onset: float, offset: float) -> float:
+    with wave.open(str(path), "rb") as w:
+        w.setpos(round(onset * w.getframerate()))
+        x = torch.frombuffer(bytearray(w.readframes(round((offset - onset) * w.getframerate()))), dtype=torch.int16)
+    return (x[1:].sign() != x[:-1].sign()).float().mean().item()
+
+
+@pytest.mark.slow
+def test_espeak_alignments_put_fricatives_where_the_audio_hisses(demo):
+    """Sibilants cross zero several times as often as vowels: so must the segments the alignments name."""
+    rates: dict[str, list[float]] = {"sibilant": [], "vowel": []}
+    for record in read_alignments(demo, "train"):
+        if record["speaker"].startswith("espeak-"):
+            path = demo / "wav" / "train" / record["speaker"] / f"{record['fileid']}.wav"
+            for onset, offset, phone in record["phones"]:
+                kind = "sibilant" if phone in {"s", "sh", "z"} else "vowel" if phone in {"iy", "ae", "aa", "eh"} else ""
+                if kind and offset - onset > 0.04:
+                    rates[kind].append(_zero_crossings(path, onset + 0.01, offset - 0.01))
+    assert min(len(r) for r in rates.values()) >= 5
+    assert sum(rates["sibilant"]) / len(rates["sibilant"]) > 3 * sum(rates["vowel"]) / len(rates["vowel"])
+
+
+def test_an_espeak_phoneme_without_a_festival_phone_is_an_error_naming_it():
+    assert phone_ends([(10, "s"), (20, "_:")], 30, 100) == [("pau", 0.1), ("s", 0.2), ("pau", 0.3)]
+    with pytest.raises(ValueError, match=re.escape("['Q7']")):
+        phone_ends([(10, "s"), (20, "Q7")], 30, 100)

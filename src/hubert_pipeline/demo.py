@@ -1,7 +1,8 @@
-"""A deterministic multi-speaker English demo corpus, synthesized with Festival, with exact phone alignments.
+"""A deterministic multi-speaker English demo corpus, synthesized with Festival and eSpeak NG, with phone alignments.
 
-Each voice (`kal`, `ked`, `slt`) times each speed factor is one speaker. Festival gives the waveform and the end time of
-every segment; a speed factor is applied by treating the signal as if it were sampled at `rate * factor` Hz and
+Each voice (Festival's `kal`, `ked`, `slt`; eSpeak NG's `espeak-m1` ... `espeak-f4`, `hubert_pipeline.espeak`) times
+each speed factor is one speaker. The synthesizer gives the waveform and the end time of every segment (eSpeak's in
+Festival's phone set); a speed factor is applied by treating the signal as if it were sampled at `rate * factor` Hz and
 resampling it to 16 kHz, which changes tempo and pitch together and scales every phone time exactly by `1 / factor`.
 
     python -m hubert_pipeline.demo data/demo --train-minutes 40 --valid-minutes 4 --abx-minutes 4 --workers 2
@@ -282,7 +283,8 @@ def run_synthesizer(voice: str, batch: list[Job], folder: Path) -> list[Synthesi
         path = folder / f"{job.fileid}.wav"
         with wave.open(str(path), "rb") as w:
             if w.getnchannels() != 1 or w.getsampwidth() != 2:  # noqa: PLR2004
-                raise RuntimeError(f"{VOICES[voice]} wrote {path} with {w.getnchannels()} channels, {w.getsampwidth()} bytes")
+                msg = f"{VOICES[voice]} wrote {path} with {w.getnchannels()} channels, {w.getsampwidth()} bytes"
+                raise RuntimeError(msg)
             results.append(Synthesized(job, path, w.getframerate(), w.getnframes(), tuple(ends[job.fileid])))
     return results
 
@@ -473,7 +475,7 @@ def _synthesize_splits(
                     results[split] = results[split][:k]
             synthesized = [s for split in results for s in results[split]]
             rate = sum(s.duration * s.job.speaker.speed for s in synthesized) / sum(s.job.words for s in synthesized)
-    raise RuntimeError(f"demo splits {pending} not complete after {MAX_ROUNDS} rounds: a synthesizer fails on a speaker?")
+    raise RuntimeError(f"demo splits {pending} not complete after {MAX_ROUNDS} rounds: a synthesizer fails on a voice?")
 
 
 def synthesize_demo(out_dir: str | Path, params: DemoParams, *, workers: int = 1) -> dict:

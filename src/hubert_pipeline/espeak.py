@@ -27,7 +27,8 @@ VOICES = {f"espeak-{v}": f"en-us+{v}" for v in VARIANTS}  # demo voice -> eSpeak
 SILENCE = "pau"
 # eSpeak NG's US English phoneme mnemonics (every one it uses on the demo's default text) -> Festival's radio phones.
 # Where eSpeak has a phone Festival splits or lacks (r-coloured vowels, syllabic consonants, the flap, the glottal
-# stop), the nearest single Festival phone.
+# stop), the nearest single Festival phone. An l or r after a vowel eSpeak sounds within the vowel (its event has
+# no length): the vowel's segment holds both.
 PHONES = {
     "_": SILENCE, "_:": SILENCE, "_!": SILENCE,
     "@": "ax", "@2": "ax", "@-": "ax", "a#": "ax", "3": "er", "3:": "er",
