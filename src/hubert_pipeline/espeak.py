@@ -8,7 +8,8 @@ differ by more than speed. `hubert_pipeline.demo` runs this module as a worker p
 
 reads `fileid<TAB>text` lines, writes `FOLDER/<fileid>.wav` (16-bit mono, eSpeak's 22,050 Hz) and prints the same
 `BEGIN` / `SEG phone end` / `END` protocol as the demo's Festival script: the end time of each phone, mapped onto
-Festival's (radio) phone set by `PHONES`, from eSpeak's phoneme events (their sample positions). eSpeak's output
+Festival's (radio) phone set by `PHONES`, from eSpeak's phoneme events (their sample positions); silence is
+appended to `TRAILING_SILENCE`. eSpeak's output
 depends on what it synthesized before in the same process, so each utterance is synthesized in a child forked from
 the freshly initialised worker: the same text and voice give the same bytes in any batch.
 """
@@ -25,6 +26,9 @@ LIBRARY = "espeak-ng"
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4")
 VOICES = {f"espeak-{v}": f"en-us+{v}" for v in VARIANTS}  # demo voice -> eSpeak NG voice name
 SILENCE = "pau"
+# eSpeak ends an utterance a few ms after its last phone: too close to the end for the last phone's ABX item to get its
+# frames (fastabx refuses an item past the features); Festival's diphone voices end with 0.2 s of silence
+TRAILING_SILENCE = 0.2
 # eSpeak NG's US English phoneme mnemonics (every one it uses on the demo's default text) -> Festival's radio phones.
 # Where eSpeak has a phone Festival splits or lacks (r-coloured vowels, syllabic consonants, the flap, the glottal
 # stop), the nearest single Festival phone. An l or r after a vowel eSpeak sounds within the vowel (its event has
@@ -125,6 +129,16 @@ def phone_ends(events: list[tuple[int, str]], num_samples: int, sample_rate: int
     return ends
 
 
+def with_trailing_silence(
+    samples: list[int], ends: list[tuple[str, float]], sample_rate: int
+) -> tuple[list[int], list[tuple[str, float]]]:
+    """Zeros after the last phone up to `TRAILING_SILENCE` s of `pau`, as Festival's diphone voices end (0.2 s)."""
+    last_phone = ends[-2][1] if ends[-1][0] == SILENCE and len(ends) > 1 else ends[-1][1]
+    end = max(len(samples), round((last_phone + TRAILING_SILENCE) * sample_rate))
+    head = ends[:-1] if ends[-1][0] == SILENCE else ends
+    return samples + [0] * (end - len(samples)), [*head, (SILENCE, end / sample_rate)]
+
+
 def _write_wav(path: Path, samples: list[int], sample_rate: int) -> None:
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)
@@ -137,7 +151,9 @@ def _one(synth: Synthesizer, voice: str, fileid: str, text: str, folder: Path) -
     """In a forked child: synthesize, write the wav, print its segments, exit (0: done)."""
     synth.set_voice(voice)
     samples, events = synth.synthesize(text)
-    ends = phone_ends(events, len(samples), synth.sample_rate)
+    samples, ends = with_trailing_silence(
+        samples, phone_ends(events, len(samples), synth.sample_rate), synth.sample_rate
+    )
     _write_wav(folder / f"{fileid}.wav", samples, synth.sample_rate)
     lines = [f"BEGIN {fileid}"] + [f"SEG {phone} {end:.6f}" for phone, end in ends] + [f"END {fileid}"]
     sys.stdout.write("\n".join(lines) + "\n")
