@@ -101,11 +101,12 @@ case "$cmd" in
     setup
     # The demo with more audio and steps (docs/learning.md): its units reach MFCC's at equal k;
     # iteration 2 from random weights for 1.6x iteration 1's steps, as in the paper (400k after 250k);
-    # masked spans of 5 frames (the 15-minute demo's 2 measured worse at these step counts).
+    # masked spans of 5 frames (the 15-minute demo's 2 measured worse at these step counts);
+    # the units of every layer scored, beside the layers ABX chose.
     long=(-S demo.train_minutes=80 -S train_it1.max_steps=3000 -S train_it2.max_steps=4800
           -S train_it1.warmup_steps=240 -S train_it2.warmup_steps=240
           -S train_it1.save_interval=500 -S train_it2.save_interval=500 -S "train_it2.init_from=''"
-          -S train_it1.mask_length=5 -S train_it2.mask_length=5)
+          -S train_it1.mask_length=5 -S train_it2.mask_length=5 -S unit_quality.every_layer=true)
     for ref in $(git for-each-ref --format='%(refname)' refs/exps/ | grep '/demo-long$'); do
       log "replacing the previous experiment demo-long ($ref)"; git update-ref -d "$ref"   # a DVC experiment is a git ref
     done

@@ -10,6 +10,11 @@ across speakers) of MFCC and of each model's best layer. Written as a DVC metric
 `units_abx_across`) at step 0 (MFCC at kmeans.k), 1 and 2 (the best layer of the it1 and it2 model), which
 MLflow's chart view draws against the iteration. Without phone alignments (data.alignments empty) the table
 holds k and ABX only, and the k-means and units made only for PNMI are skipped.
+
+Layer by layer (work/layers.json, and MLflow metrics `layers_it1_pnmi`, `layers_it2_pnmi`, ... at x = layer): each
+model's ABX per layer beside the PNMI and purities of the layer ABX chose, and with `unit_quality.every_layer` of
+every layer (k-means of each layer as for the chosen one; work/layers/itN_layerL keeps its centroids and units),
+the HuBERT paper's PNMI per layer, which says whether the layer ABX chose makes the best units.
 """
 
 import json
@@ -29,6 +34,7 @@ if __name__ == "__main__":
     p.add_argument("units_it2", help="metrics/units_it2.json")
     p.add_argument("abx_it1", help="outputs/abx/it1 (scores.json)")
     p.add_argument("abx_it2", help="outputs/abx/it2 (scores.json, best_layer.json)")
+    p.add_argument("model_it1", help="the it1 model whose layer made the it2 targets (iteration2.teacher)")
     p.add_argument("model_it2", help="the chosen it2 model folder")
     p.add_argument("work", help="folder for the it2 layer features, centroids and units (an output)")
     p.add_argument("metrics", help="JSON table to write")
@@ -40,63 +46,47 @@ if __name__ == "__main__":
     import mlflow
 
     from hubert_pipeline.io import write_json
-    from hubert_pipeline.kmeans import fit_kmeans, save_centroids
-    from hubert_pipeline.launch import run_job
-    from hubert_pipeline.layer_features import extract_layer_features
+    from hubert_pipeline.layer_quality import (
+        QUALITIES,
+        layer_centroids,
+        layer_quality,
+        layer_rows,
+        layer_valid_units,
+        mfcc_quality,
+        score,
+    )
     from hubert_pipeline.params import load_params
     from hubert_pipeline.summary import experiment_summary
     from hubert_pipeline.tracking import stage_run
-    from hubert_pipeline.unit_metrics import unit_quality
-    from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
     params = load_params(args.params)
     scores = {it: json.loads((Path(d) / "scores.json").read_text()) for it, d in (("it1", args.abx_it1),
                                                                                    ("it2", args.abx_it2))}  # fmt: skip
-    layer = int(scores["it2"]["best_layer"])
-    work = Path(args.work)
-    it2 = params.iteration2
-    cfg = params.kmeans
+    best = {it: int(s["best_layer"]) for it, s in scores.items()}
+    work, manifests, cfg = Path(args.work), Path(args.manifests), params.kmeans
+    models = {"it1": args.model_it1, "it2": args.model_it2}
+    normalize = {"it1": params.train_it1.normalize, "it2": params.train_it2.normalize}
+    it2_layer = {"model": args.model_it2, "layer": best["it2"], "normalize": normalize["it2"], "params": params}
 
-    def fit(store: Path, centroids: Path, fit_fraction: float, metadata: dict[str, str]) -> None:
-        fit = {"store": str(store), "k": cfg.k, "fit_fraction": fit_fraction, "seed": cfg.seed,
-               "max_iter": cfg.max_iter, "tol": cfg.tol, "n_init": cfg.n_init, "chunk_frames": cfg.chunk_frames,
-               "device": params.execution.device}  # fmt: skip
-        result = run_job(fit_kmeans, fit, execution=params.execution, desc=f"unit_quality-kmeans-{centroids.stem}",
-                         gpu=True)  # fmt: skip
-        save_centroids(centroids, result, metadata)
-
-    def it2_model_centroids() -> None:  # the it2 model's best layer: features of the fitting subset, k-means
-        extract_layer_features(
-            str(Path(args.manifests) / "train.csv"), work / "features", teacher=args.model_it2, layer=layer,
-            fit_fraction=params.kmeans.fit_fraction, seed=params.kmeans.seed, num_shards=it2.num_shards,
-            dtype=it2.dtype, normalize=params.train_it2.normalize, execution=params.execution,
-        )  # fmt: skip
-        fit(work / "features", work / "centroids.safetensors", 1.0, {"iteration": "3", "layer": str(layer)})
-
-    def it2_model_units() -> None:  # its units of the valid split
-        stream_units_for_split(
-            Path(args.manifests) / "valid.csv", work / "valid.jsonl", teacher=args.model_it2, layer=layer,
-            centroids=work / "centroids.safetensors", num_shards=it2.num_shards, normalize=params.train_it2.normalize,
-            tolerance=params.units.length_tolerance, execution=params.execution,
-        )  # fmt: skip
+    def other_layer(it: str, layer: int) -> dict[str, float]:  # unit_quality.every_layer: every layer's units too
+        if not (params.unit_quality.every_layer and params.data.alignments):
+            return {}
+        return layer_quality(models[it], layer, normalize=normalize[it], manifests=manifests,
+                             work=work / "layers" / f"{it}_layer{layer}", params=params)  # fmt: skip
 
     with stage_run("unit_quality", mlflow_params=params.mlflow, params={"kmeans.k": params.kmeans.k}, iteration=2):
         work.mkdir(parents=True, exist_ok=True)
         mfcc_at_k, it3 = {}, {}
-        it2_model_centroids()  # also without alignments: register_units_it2's unit encoder uses them
+        # the it2 model's best layer: k-means of its features, also without alignments (register_units_it2 uses it)
+        layer_centroids(manifests, work / "features", work / "centroids.safetensors", **it2_layer,
+                        metadata={"iteration": "3", "layer": str(best["it2"])})  # fmt: skip
         if params.data.alignments:  # else no unit metrics: the table holds k and ABX only
             alignments = Path(params.data.alignments) / "valid.jsonl"
-            fit(Path(args.mfcc) / "train", work / "mfcc_centroids.safetensors", cfg.fit_fraction, {"source": "mfcc"})
-            units_for_split(
-                Path(args.manifests) / "valid.csv", Path(args.mfcc) / "valid", work / "mfcc_centroids.safetensors",
-                work / "mfcc_valid.jsonl", tolerance=params.units.length_tolerance, execution=params.execution,
-            )  # fmt: skip
-            mfcc_at_k = unit_quality(read_units(work / "mfcc_valid.jsonl"), alignments)
-            it2_model_units()
-            it3 = unit_quality(read_units(work / "valid.jsonl"), alignments)
+            mfcc_at_k = mfcc_quality(manifests, Path(args.mfcc), work, params)  # MFCC at the layers' k
+            layer_valid_units(manifests, work / "valid.jsonl", centroids=work / "centroids.safetensors", **it2_layer)
+            it3 = score(work / "valid.jsonl", alignments)
         it1_units = json.loads(Path(args.units_it1).read_text())["valid"]
         it2_units = json.loads(Path(args.units_it2).read_text())["valid"]
-        best = {it: int(s["best_layer"]) for it, s in scores.items()}
         rows = {
             "mfcc": {"source": "MFCC", "k": cfg.k_it1, **it1_units, **scores["it1"]["mfcc"]},
             "mfcc_at_k": {"source": "MFCC", "k": cfg.k, **mfcc_at_k, **scores["it1"]["mfcc"]},
@@ -109,12 +99,21 @@ if __name__ == "__main__":
         table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
                  for name, row in rows.items()}  # fmt: skip
         write_json(args.metrics, table)
+        chosen_quality = {"it1": it2_units, "it2": it3}
+        layers = {it: layer_rows(scores[it], best[it], chosen_quality[it], lambda layer, it=it: other_layer(it, layer))
+                  for it in ("it1", "it2")}  # fmt: skip
+        write_json(work / "layers.json", {"k": cfg.k, "every_layer": params.unit_quality.every_layer, **layers})
         for name, row in table.items():
             mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in row.items() if isinstance(v, int | float)})
         for step, name in enumerate(EQUAL_K_ROWS):
             mlflow.log_metrics({f"units_{k}": float(v) for k, v in table[name].items()
                                 if k != "k" and isinstance(v, int | float)}, step=step)  # fmt: skip
+        for it, by_layer in layers.items():  # PNMI per layer: one curve per iteration, x = layer
+            for layer, row in by_layer.items():
+                mlflow.log_metrics({f"layers_{it}_{q}": row[q] for q in QUALITIES if row[q] is not None},
+                                   step=int(layer))  # fmt: skip
         mlflow.log_artifact(args.metrics)
+        mlflow.log_artifact(str(work / "layers.json"))
         validate = {it: json.loads(Path(path).read_text()) for it, path in enumerate(args.validate, start=1)}
         summary = experiment_summary(table, validate)
         write_json(args.summary, summary)

@@ -34,6 +34,7 @@ TINY = {
     "train_it1": {"max_steps": 6, "warmup_steps": 2, "save_interval": 3, "log_interval": 2, "num_workers": 0},
     "train_it2": {"max_steps": 4, "warmup_steps": 1, "save_interval": 2, "log_interval": 2, "num_workers": 0},
     "iteration2": {"num_shards": 2},
+    "unit_quality": {"every_layer": True},
 }
 
 
@@ -265,6 +266,43 @@ def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project
 
 
 @pytest.mark.slow
+def test_every_layer_of_both_models_is_scored_beside_its_abx_as_the_pipeline_scores_its_units(project):
+    from hubert_pipeline.layer_quality import layer_quality
+    from hubert_pipeline.params import load_params
+
+    layers = json.loads((project / "outputs" / "unit_quality" / "layers.json").read_text())
+    table = json.loads((project / "metrics" / "unit_quality.json").read_text())
+    assert layers["k"] == TINY["kmeans"]["k"]
+    for it in ("it1", "it2"):
+        scores = json.loads((project / "outputs" / "abx" / it / "scores.json").read_text())
+        rows = layers[it]
+        assert list(rows) == ["1", "2", "3", "4"]  # the tiny model's layers
+        assert [layer for layer, row in rows.items() if row["chosen"]] == [str(scores["best_layer"])]
+        assert rows[str(scores["best_layer"])]["pnmi"] == table[f"{it}_best_layer"]["pnmi"]
+        for layer, row in rows.items():
+            assert 0 < row["pnmi"] < 1
+            assert 0 < row["phone_purity"] <= 1
+            assert row["abx_within"] == scores[f"layer_{layer}"]["within"]
+        assert len({row["pnmi"] for row in rows.values()}) > 1  # each layer its own k-means
+    # a layer scored on its own is the pipeline's: iteration 1's chosen layer as features_it2, kmeans_it2, units_it2
+    params = load_params(project / "params.yaml")
+    best = json.loads((project / "outputs" / "abx" / "it1" / "best_layer.json").read_text())["layer"]
+    old = Path.cwd()
+    try:
+        os.chdir(project)  # the params' relative paths (alignments)
+        quality = layer_quality("outputs/pretrain/it1/best", best, normalize=False, manifests=Path("outputs/manifests"),
+                                work=project / "again", params=params)  # fmt: skip
+    finally:
+        os.chdir(old)
+    assert quality["pnmi"] == table["it1_best_layer"]["pnmi"]
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
+    (run_,) = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list",
+                                 filter_string="tags.stage = 'unit_quality'")  # fmt: skip
+    history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "layers_it2_pnmi")  # x = layer
+    assert sorted((m.step, m.value) for m in history) == [(int(k), row["pnmi"]) for k, row in layers["it2"].items()]
+
+
+@pytest.mark.slow
 def test_the_summary_shows_the_unit_table_each_iterations_best_and_the_mlflow_command(project):
     from hubert_pipeline.summary import summary
 
@@ -276,6 +314,8 @@ def test_the_summary_shows_the_unit_table_each_iterations_best_and_the_mlflow_co
     validation = json.loads((project / "metrics" / "validate_it1.json").read_text())
     assert f"iteration 1: best checkpoint step {validation['best_step']}" in text
     assert "PNMI at k=30: it2 best layer > it1 best layer > MFCC" in text
+    assert "Every layer at k=30" in text  # unit_quality.every_layer
+    assert "PNMI at k=30, each model's layer of the highest PNMI: it2 > it1 > MFCC" in text
     assert f"sqlite:///{project.resolve()}/mlruns/mlflow.db" in text
 
 

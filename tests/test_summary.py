@@ -3,7 +3,8 @@ import os
 import subprocess
 import sys
 
-from hubert_pipeline.summary import experiment_summary, goals, summary, unit_table
+from hubert_pipeline.layer_quality import layer_rows
+from hubert_pipeline.summary import experiment_summary, goals, layer_table, summary, unit_table
 
 
 def test_summary_takes_each_iterations_best_layer_units_and_its_chosen_checkpoint():
@@ -71,6 +72,26 @@ def test_without_alignments_the_summary_has_no_pnmi_and_no_pnmi_goal():
     validate = {1: {"best_accuracy": 0.05, "best_loss": 4.2}}
     assert experiment_summary(table, validate) == {"abx1": 20.0, "acc1": 0.05, "loss1": 4.2}
     assert [goal for goal, _ in goals(table, None)] == ["ABX across speakers: it1 best layer below MFCC"]
+
+
+def test_every_layers_pnmi_gives_a_goal_of_its_own_beside_the_layers_abx_chose():
+    """ABX chose iteration 2's layer 3 (PNMI 0.61, below iteration 1's 0.65); its layer 1 (0.66) is above both."""
+    row = {"source": "x", "k": 500, "phone_purity": 0.5, "cluster_purity": 0.1, "abx_within": 1.0, "abx_across": 9.0}
+    table = {"mfcc_at_k": row | {"pnmi": 0.64}, "mfcc": row | {"pnmi": 0.47, "abx_across": 12.0},
+             "it1_best_layer": row | {"pnmi": 0.65}, "it2_best_layer": row | {"pnmi": 0.61}}  # fmt: skip
+    abx = {f"layer_{n}": {"within": w, "across": 9.0} for n, w in ((1, 1.6), (2, 1.6), (3, 1.1))}
+    pnmi = {"it1": {1: 0.65, 2: 0.64, 3: 0.62}, "it2": {1: 0.66, 2: 0.65, 3: 0.61}}
+    chosen = {"it1": 1, "it2": 3}
+    layers = {it: layer_rows(abx, chosen[it], {"pnmi": pnmi[it][chosen[it]]}, lambda n, it=it: {"pnmi": pnmi[it][n]})
+              for it in ("it1", "it2")}  # fmt: skip
+    assert layers["it2"]["3"] == {"pnmi": 0.61, "phone_purity": None, "cluster_purity": None, "abx_within": 1.1,
+                                  "abx_across": 9.0, "chosen": True}  # fmt: skip
+    reached = dict(goals(table, None, layers))
+    assert reached["PNMI at k=500: it2 best layer > it1 best layer > MFCC"] is False
+    assert reached["PNMI at k=500, each model's layer of the highest PNMI: it2 > it1 > MFCC"] is True
+    assert "| 3 | 0.620 | 1.10 | 9.00 | 0.610* | 1.10 | 9.00 |" in layer_table(layers)
+    unscored = {it: layer_rows(abx, chosen[it], {"pnmi": 0.6}, lambda _: {}) for it in ("it1", "it2")}
+    assert len(goals(table, None, unscored)) == 2  # only the chosen layers scored: no goal of every layer
 
 
 def _write_results(root, pnmi: float, layer: int) -> None:

@@ -188,6 +188,11 @@ class AbxParams:
 
 
 @dataclass(frozen=True)
+class UnitQualityParams:
+    every_layer: bool = False  # PNMI and purities of every layer of both models, not only of the layers ABX chose
+
+
+@dataclass(frozen=True)
 class Iteration2Params:
     teacher: str = "outputs/pretrain/it1/best"  # model whose layer makes the iteration-2 targets (folder or file)
     layer: int = 0  # 0: the layer chosen by ABX; else this layer (HuBERT Base recipe: 6)
@@ -212,6 +217,7 @@ class Params:
     validate: ValidateParams = ValidateParams()
     abx: AbxParams = AbxParams()
     iteration2: Iteration2Params = Iteration2Params()
+    unit_quality: UnitQualityParams = UnitQualityParams()
 
 
 def _convert(value: Any, annotation: Any, where: str) -> Any:  # noqa: C901, PLR0911, PLR0912  one branch per type

@@ -62,7 +62,31 @@ def unit_table(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def goals(table: dict[str, dict[str, Any]], validation: dict[str, Any] | None) -> list[tuple[str, bool | None]]:
+def layer_table(layers: dict[str, Any]) -> str:
+    """PNMI and ABX of every layer of both models in Markdown (`*`: the layer ABX chose)."""
+    header = ("layer", "it1 PNMI", "it1 ABX within %", "it1 ABX across %", "it2 PNMI", "it2 ABX within %",
+              "it2 ABX across %")  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for layer in sorted({int(n) for it in ("it1", "it2") for n in layers.get(it, {})}):
+        cells = [str(layer)]
+        for it in ("it1", "it2"):
+            row = layers.get(it, {}).get(str(layer), {})
+            mark = "*" if row.get("chosen") else ""
+            cells += [_cell(row.get("pnmi")) + mark, _cell(row.get("abx_within")), _cell(row.get("abx_across"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def best_layer_pnmi(layers: dict[str, Any] | None, it: str) -> float | None:
+    """The highest PNMI of a model's layers, where every layer was scored (unit_quality.every_layer)."""
+    rows = (layers or {}).get(it, {})
+    values = [row.get("pnmi") for row in rows.values()]
+    return max(values) if values and None not in values else None
+
+
+def goals(
+    table: dict[str, dict[str, Any]], validation: dict[str, Any] | None, layers: dict[str, Any] | None = None
+) -> list[tuple[str, bool | None]]:
     """(goal, reached) of a run that learns; None where the figures are missing."""
     pnmi = {key: table[key]["pnmi"] for key in ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
             if table.get(key, {}).get("pnmi") is not None}  # fmt: skip
@@ -71,6 +95,10 @@ def goals(table: dict[str, dict[str, Any]], validation: dict[str, Any] | None) -
         k = table["mfcc_at_k"]["k"]
         out.append((f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC",
                     pnmi["it2_best_layer"] > pnmi["it1_best_layer"] > pnmi["mfcc_at_k"]))  # fmt: skip
+        best = {it: best_layer_pnmi(layers, it) for it in ("it1", "it2")}
+        if None not in best.values():  # every layer scored: the layers of the best units, whichever ABX chose
+            out.append((f"PNMI at k={k}, each model's layer of the highest PNMI: it2 > it1 > MFCC",
+                        best["it2"] > best["it1"] > pnmi["mfcc_at_k"]))  # fmt: skip  # ty: ignore[unsupported-operator]
     if "it1_best_layer" in table and "mfcc" in table:
         out.append(("ABX across speakers: it1 best layer below MFCC",
                     table["it1_best_layer"]["abx_across"] < table["mfcc"]["abx_across"]))  # fmt: skip
@@ -99,14 +127,18 @@ def summary(root: Path, rev: str | None = None) -> str:
     table = read("metrics/unit_quality.json")
     validation = {it: read(f"metrics/validate_it{it}.json") for it in (1, 2)}
     layers = {it: read(f"outputs/abx/it{it}/best_layer.json") for it in (1, 2)}
+    per_layer = read("outputs/unit_quality/layers.json")
     where = f" of {rev}" if rev else ""
     parts = [f"Unit quality{where} (valid split; metrics/unit_quality.json):", ""]
     parts += [unit_table(table), ""] if table else ["(no unit_quality table yet: run `dvc repro`)", ""]
+    if per_layer and per_layer.get("every_layer"):
+        parts += [f"Every layer at k={per_layer['k']} (outputs/unit_quality/layers.json; * the layer ABX chose):", ""]
+        parts += [layer_table(per_layer), ""]
     parts += [iteration_line(it, validation[it], layers[it]) for it in (1, 2)]
     if table:
         parts += ["", "Goals of a run that learns:"]
         marks = {True: "yes", False: "NO", None: "?"}
-        parts += [f"  [{marks[reached]}] {goal}" for goal, reached in goals(table, validation[1])]
+        parts += [f"  [{marks[reached]}] {goal}" for goal, reached in goals(table, validation[1], per_layer)]
     parts += ["", "Compare the iterations in MLflow (loss and accuracy per step, validation, ABX per layer, PNMI):",
               f"  {mlflow_ui_command(checkout_uri(root))}"]  # fmt: skip
     return "\n".join(parts)

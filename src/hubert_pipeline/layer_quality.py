@@ -1,0 +1,115 @@
+"""Unit quality of a model's layers at `kmeans.k`, each layer's units made as iteration 2's units are made.
+
+For one layer: its features of the k-means fitting subset of the training manifest (`extract_layer_features`, the
+subset, seed and dtype of features_it2), k-means with the params' kmeans settings (kmeans_it2's), the valid split's
+units streamed from audio (`stream_units_for_split`), scored against the valid alignments (`unit_quality`).
+
+The unit_quality stage scores the layer ABX chose in iteration 2 this way, and with `unit_quality.every_layer` every
+layer of both iterations' models (the HuBERT paper's PNMI per layer, beside ABX per layer: does the layer ABX
+chose make the best units?); bench/layer_quality.py scores any checkpoint.
+"""
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hubert_pipeline.kmeans import fit_kmeans, save_centroids
+from hubert_pipeline.launch import run_job
+from hubert_pipeline.layer_features import extract_layer_features
+from hubert_pipeline.params import Params
+from hubert_pipeline.unit_metrics import unit_quality
+from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
+
+QUALITIES = ("pnmi", "phone_purity", "cluster_purity")
+
+
+def fit_centroids(
+    store: Path, centroids: Path, params: Params, *, fit_fraction: float, metadata: dict[str, str]
+) -> None:
+    """k-means of a feature store with k = kmeans.k and the params' kmeans settings; centroids written atomically."""
+    km = params.kmeans
+    fit = {"store": str(store), "k": km.k, "fit_fraction": fit_fraction, "seed": km.seed, "max_iter": km.max_iter,
+           "tol": km.tol, "n_init": km.n_init, "chunk_frames": km.chunk_frames,
+           "device": params.execution.device}  # fmt: skip
+    result = run_job(fit_kmeans, fit, execution=params.execution, desc=f"kmeans-{centroids.stem}", gpu=True)
+    save_centroids(centroids, result, metadata)
+
+
+def layer_centroids(
+    manifests: Path, store: Path, centroids: Path, *, model: str, layer: int, normalize: bool, params: Params,
+    metadata: dict[str, str],
+) -> None:  # fmt: skip
+    """Features of `layer` on the k-means fitting subset (a store at `store`), and their k-means at `centroids`."""
+    extract_layer_features(
+        manifests / "train.csv", store, teacher=model, layer=layer, fit_fraction=params.kmeans.fit_fraction,
+        seed=params.kmeans.seed, num_shards=params.iteration2.num_shards, dtype=params.iteration2.dtype,
+        normalize=normalize, execution=params.execution,
+    )  # fmt: skip
+    fit_centroids(store, centroids, params, fit_fraction=1.0, metadata=metadata)  # the store is the subset
+
+
+def layer_valid_units(
+    manifests: Path, units: Path, *, model: str, layer: int, normalize: bool, centroids: Path, params: Params
+) -> None:
+    """Units of the valid split by `layer` and `centroids`, streamed from audio, written to `units` (JSON lines)."""
+    stream_units_for_split(
+        manifests / "valid.csv", units, teacher=model, layer=layer, centroids=centroids,
+        num_shards=params.iteration2.num_shards, normalize=normalize,
+        tolerance=params.units.length_tolerance, execution=params.execution,
+    )  # fmt: skip
+
+
+def score(units: Path, alignments: Path) -> dict[str, float]:
+    """PNMI, phone purity and cluster purity of a units file against the alignments of its split."""
+    return unit_quality(read_units(units), alignments)
+
+
+def mfcc_quality(manifests: Path, mfcc: Path, work: Path, params: Params) -> dict[str, float]:
+    """PNMI and purities of MFCC units at kmeans.k on the valid split (the MFCC store's train/ and valid/): MFCC at
+    the layers' k. work/ keeps the centroids and units (mfcc_centroids.safetensors, mfcc_valid.jsonl)."""
+    centroids, units = work / "mfcc_centroids.safetensors", work / "mfcc_valid.jsonl"
+    fit_centroids(mfcc / "train", centroids, params, fit_fraction=params.kmeans.fit_fraction,
+                  metadata={"source": "mfcc"})  # fmt: skip
+    units_for_split(manifests / "valid.csv", mfcc / "valid", centroids, units,
+                    tolerance=params.units.length_tolerance, execution=params.execution)  # fmt: skip
+    return score(units, Path(params.data.alignments) / "valid.jsonl")
+
+
+def layer_quality(
+    model: str, layer: int, *, normalize: bool, manifests: Path, work: Path, params: Params
+) -> dict[str, float]:
+    """PNMI and purities of `layer`'s units at kmeans.k on the valid split; work/ keeps its centroids and units.
+
+    The layer features are removed once the k-means is fitted (the units are streamed from audio)."""
+    work.mkdir(parents=True, exist_ok=True)
+    store, centroids, units = work / "features", work / "centroids.safetensors", work / "valid.jsonl"
+    layer_centroids(manifests, store, centroids, model=model, layer=layer, normalize=normalize, params=params,
+                    metadata={"model": model, "layer": str(layer)})  # fmt: skip
+    shutil.rmtree(store)
+    layer_valid_units(manifests, units, model=model, layer=layer, normalize=normalize, centroids=centroids,
+                      params=params)  # fmt: skip
+    return score(units, Path(params.data.alignments) / "valid.jsonl")
+
+
+def layer_rows(
+    abx: dict[str, Any], chosen: int, chosen_quality: dict[str, Any], score_layer: Callable[[int], dict[str, float]]
+) -> dict[str, dict[str, Any]]:
+    """One iteration's table, layer by layer: PNMI and purities (the chosen layer's from `chosen_quality`, the others'
+    from `score_layer(layer)`, {} for none), ABX within and across speakers (`abx`: abx_itN's scores.json)."""
+    layers = sorted(int(name.removeprefix("layer_")) for name in abx if name.startswith("layer_"))
+    rows = {}
+    for layer in layers:
+        quality = chosen_quality if layer == chosen else score_layer(layer)
+        rows[str(layer)] = {q: quality.get(q) for q in QUALITIES} | {
+            "abx_within": abx[f"layer_{layer}"]["within"],
+            "abx_across": abx[f"layer_{layer}"]["across"],
+            "chosen": layer == chosen,
+        }
+    return rows
+
+
+def best_by(rows: dict[str, dict[str, Any]], quality: str = "pnmi") -> str | None:
+    """The layer (a key of `rows`) of the highest `quality`; None where no layer has it."""
+    scored = {layer: row[quality] for layer, row in rows.items() if row.get(quality) is not None}
+    return max(scored, key=lambda layer: scored[layer]) if scored else None
