@@ -11,7 +11,9 @@ reads `fileid<TAB>text` lines, writes `FOLDER/<fileid>.wav` (16-bit mono, eSpeak
 Festival's (radio) phone set by `PHONES`, from eSpeak's phoneme events (their sample positions); silence is
 appended to `TRAILING_SILENCE`. eSpeak's output
 depends on what it synthesized before in the same process, so each utterance is synthesized in a child forked from
-the freshly initialised worker: the same text and voice give the same bytes in any batch.
+the freshly initialised worker: the same text and voice give the same bytes in any batch. Its noise sources draw
+from the C library's `rand()`, whose state any other call in the process moves (seen once in CI, under load: every
+eSpeak file of a run different): the child reseeds it (`srand(1)`, the state of a process that never called it).
 """
 
 import argparse
@@ -149,6 +151,7 @@ def _write_wav(path: Path, samples: list[int], sample_rate: int) -> None:
 
 def _one(synth: Synthesizer, voice: str, fileid: str, text: str, folder: Path) -> None:
     """In a forked child: synthesize, write the wav, print its segments, exit (0: done)."""
+    ctypes.CDLL(None).srand(1)  # eSpeak's noise: rand() from the state of a fresh process, whoever called it before
     synth.set_voice(voice)
     samples, events = synth.synthesize(text)
     samples, ends = with_trailing_silence(
