@@ -107,9 +107,3 @@ def layer_rows(
             "chosen": layer == chosen,
         }
     return rows
-
-
-def best_by(rows: dict[str, dict[str, Any]], quality: str = "pnmi") -> str | None:
-    """The layer (a key of `rows`) of the highest `quality`; None where no layer has it."""
-    scored = {layer: row[quality] for layer, row in rows.items() if row.get(quality) is not None}
-    return max(scored, key=lambda layer: scored[layer]) if scored else None
