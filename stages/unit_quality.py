@@ -12,7 +12,8 @@ MLflow's chart view draws against the iteration. Without phone alignments (data.
 holds k and ABX only, and the k-means and units made only for PNMI are skipped.
 
 Layer by layer (work/layers.json, and MLflow metrics `layers_it1_pnmi`, `layers_it2_pnmi`, ... at x = layer): each
-model's ABX per layer beside the PNMI and purities of the layer ABX chose, and with `unit_quality.every_layer` of
+model's ABX per layer beside the PNMI and purities of the layer whose units the next iteration used (ABX's
+choice; iteration2.layer for iteration 1 where set), and with `unit_quality.every_layer` of
 every layer (k-means of each layer as for the chosen one; work/layers/itN_layerL keeps its centroids and units),
 the HuBERT paper's PNMI per layer, which says whether the layer ABX chose makes the best units.
 """
@@ -63,6 +64,7 @@ if __name__ == "__main__":
     scores = {it: json.loads((Path(d) / "scores.json").read_text()) for it, d in (("it1", args.abx_it1),
                                                                                    ("it2", args.abx_it2))}  # fmt: skip
     best = {it: int(s["best_layer"]) for it, s in scores.items()}
+    best["it1"] = params.iteration2.layer or best["it1"]  # the layer units_it2 used: iteration2.layer where set
     work, manifests, cfg = Path(args.work), Path(args.manifests), params.kmeans
     models = {"it1": args.model_it1, "it2": args.model_it2}
     normalize = {"it1": params.train_it1.normalize, "it2": params.train_it2.normalize}

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,28 @@ def test_every_preset_keeps_fairseq_kernels_and_strides():
     base = HubertConfig.preset("base").conv_layers
     for size in SIZES:
         assert [(k, s) for _, k, s in HubertConfig.preset(size).conv_layers] == [(k, s) for _, k, s in base]
+
+
+def test_loading_a_log_mel_model_first_leaves_torchaudios_module_constants_on_the_cpu(tmp_path):
+    # from_state_dict builds on "meta": torchaudio imported there for the first time made kaldi's EPSILON a meta
+    # tensor, and every later MFCC of that process failed ("Cannot copy out of meta tensor"). A fresh interpreter,
+    # since any earlier import of torchaudio hides it.
+    from safetensors.torch import save_file
+
+    save_file(HuBERT(tiny(frontend="log_mel")).state_dict(), tmp_path / "model.safetensors")
+    code = f"""
+import sys, torch
+from safetensors.torch import load_file
+from hubert_pipeline.model import HuBERT, HubertConfig
+assert "torchaudio" not in sys.modules
+config = HubertConfig.preset("tiny", frontend="log_mel")
+HuBERT.from_state_dict(load_file({str(tmp_path / "model.safetensors")!r}), config)
+import torchaudio.compliance.kaldi as kaldi
+print(kaldi.EPSILON.device, kaldi.mfcc(torch.randn(1, 16000)).shape)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[0] == "cpu"
 
 
 @pytest.mark.parametrize("num_samples", [400, 401, 719, 720, 16_000, 16_319, 16_320, 33_333])

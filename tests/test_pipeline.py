@@ -356,6 +356,27 @@ def test_exp_run_with_another_k_reruns_only_iteration_two_and_is_tagged_in_mlflo
     assert "k-twelve" in shown
 
 
+@pytest.mark.slow
+def test_a_teacher_layer_set_in_params_is_the_it1_row_of_the_unit_table_and_of_the_summary(project):
+    from hubert_pipeline.summary import summary
+
+    abx = json.loads((project / "outputs" / "abx" / "it1" / "scores.json").read_text())
+    layer = 2 if abx["best_layer"] == 1 else 1  # not the layer ABX chose
+    out = run(["dvc", "exp", "run", "-n", "teacher-layer", "-S", f"iteration2.layer={layer}"], project).stdout
+    assert "features_it2" in set(re.findall(r"Running stage '(\w+)'", out))
+    table = json.loads((project / "metrics" / "unit_quality.json").read_text())
+    it1 = table["it1_best_layer"]
+    assert it1["source"] == f"it1 layer {layer}"  # was ABX's layer: the units of another layer were scored
+    assert (it1["abx_within"], it1["abx_across"]) == (abx[f"layer_{layer}"]["within"], abx[f"layer_{layer}"]["across"])
+    assert it1["pnmi"] == json.loads((project / "metrics" / "units_it2.json").read_text())["valid"]["pnmi"]
+    rows = json.loads((project / "outputs" / "unit_quality" / "layers.json").read_text())["it1"]
+    assert [key for key, row in rows.items() if row["chosen"]] == [str(layer)]
+    assert rows[str(layer)]["pnmi"] == it1["pnmi"]
+    assert json.loads((project / "outputs" / "registered" / "units_it1.json").read_text())["layer"] == layer
+    text = summary(project)
+    assert f"best layer {abx['best_layer']} by ABX, iteration 2's units from layer {layer} (iteration2.layer)" in text
+
+
 def no_alignments(params_yaml: Path) -> None:
     params = yaml.safe_load(params_yaml.read_text())
     params["data"]["alignments"] = ""  # params.yaml: "empty: no unit metrics"

@@ -88,11 +88,11 @@ class LogMelFrontEnd(nn.Module):
     """
 
     def __init__(self, mel_bins: int, conv_layers: tuple[tuple[int, int, int], ...]) -> None:
-        import torchaudio
-
         super().__init__()
         self.mel_bins, self.conv_layers = mel_bins, conv_layers
         with torch.device("cpu"):  # constants, not in state dicts: real even when the model is built on "meta"
+            import torchaudio  # here: a first import on "meta" would put torchaudio's module constants there
+
             fbank = torchaudio.functional.melscale_fbanks(N_FFT // 2 + 1, 20.0, 8000.0, mel_bins, 16_000,
                                                           mel_scale="htk")  # fmt: skip
             window = torch.hann_window(MEL_WINDOW, periodic=False)

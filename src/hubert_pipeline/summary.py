@@ -63,7 +63,8 @@ def unit_table(table: dict[str, dict[str, Any]]) -> str:
 
 
 def layer_table(layers: dict[str, Any]) -> str:
-    """PNMI and ABX of every layer of both models in Markdown (`*`: the layer ABX chose)."""
+    """PNMI and ABX of every layer of both models in Markdown (`*`: the layer whose units the next iteration used:
+    ABX's choice, or iteration2.layer where set for iteration 1)."""
     header = ("layer", "it1 PNMI", "it1 ABX within %", "it1 ABX across %", "it2 PNMI", "it2 ABX within %",
               "it2 ABX across %")  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -109,7 +110,10 @@ def goals(
     return out
 
 
-def iteration_line(it: int, validation: dict[str, Any] | None, best_layer: dict[str, Any] | None) -> str:
+def iteration_line(
+    it: int, validation: dict[str, Any] | None, best_layer: dict[str, Any] | None, used_layer: int | None = None
+) -> str:
+    """`best_layer`: abx_itN's best_layer.json; `used_layer`: the layer whose units the next iteration used."""
     if validation is None:
         return f"iteration {it}: not run"
     line = (f"iteration {it}: best checkpoint step {validation['best_step']} (rule {validation['rule']}): "
@@ -118,7 +122,15 @@ def iteration_line(it: int, validation: dict[str, Any] | None, best_layer: dict[
         line += f" (commonest unit {rate:.3f})"
     if best_layer is not None:
         line += f"; best layer {best_layer['layer']} by ABX"
+        if used_layer is not None and used_layer != best_layer["layer"]:
+            line += f", iteration {it + 1}'s units from layer {used_layer} (iteration2.layer)"
     return line
+
+
+def chosen_layer(per_layer: dict[str, Any] | None, it: int) -> int | None:
+    """The layer layers.json marks chosen for iteration `it`: the one whose units the next iteration used."""
+    rows = (per_layer or {}).get(f"it{it}", {})
+    return next((int(layer) for layer, row in rows.items() if row.get("chosen")), None)
 
 
 def summary(root: Path, rev: str | None = None) -> str:
@@ -132,9 +144,10 @@ def summary(root: Path, rev: str | None = None) -> str:
     parts = [f"Unit quality{where} (valid split; metrics/unit_quality.json):", ""]
     parts += [unit_table(table), ""] if table else ["(no unit_quality table yet: run `dvc repro`)", ""]
     if per_layer and per_layer.get("every_layer"):
-        parts += [f"Every layer at k={per_layer['k']} (outputs/unit_quality/layers.json; * the layer ABX chose):", ""]
+        legend = "outputs/unit_quality/layers.json; * the layer whose units the next iteration used"
+        parts += [f"Every layer at k={per_layer['k']} ({legend}):", ""]
         parts += [layer_table(per_layer), ""]
-    parts += [iteration_line(it, validation[it], layers[it]) for it in (1, 2)]
+    parts += [iteration_line(it, validation[it], layers[it], chosen_layer(per_layer, it)) for it in (1, 2)]
     if table:
         parts += ["", "Goals of a run that learns:"]
         marks = {True: "yes", False: "NO", None: "?"}
