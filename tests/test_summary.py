@@ -71,7 +71,7 @@ def test_without_alignments_the_summary_has_no_pnmi_and_no_pnmi_goal():
     table = {name: row | {"abx_across": 20.0} for name in ("mfcc", "mfcc_at_k", "it1_best_layer", "it2_best_layer")}
     validate = {1: {"best_accuracy": 0.05, "best_loss": 4.2}}
     assert experiment_summary(table, validate) == {"abx1": 20.0, "acc1": 0.05, "loss1": 4.2}
-    assert [goal for goal, _ in goals(table, None)] == ["ABX across speakers: it1 best layer below MFCC"]
+    assert [goal.text for goal in goals(table, None)] == ["ABX across speakers: it1 best layer below MFCC"]
 
 
 def test_every_layers_pnmi_gives_a_goal_of_its_own_beside_the_layers_abx_chose():
@@ -86,9 +86,11 @@ def test_every_layers_pnmi_gives_a_goal_of_its_own_beside_the_layers_abx_chose()
               for it in ("it1", "it2")}  # fmt: skip
     assert layers["it2"]["3"] == {"pnmi": 0.61, "phone_purity": None, "cluster_purity": None, "abx_within": 1.1,
                                   "abx_across": 9.0, "chosen": True}  # fmt: skip
-    reached = dict(goals(table, None, layers))
+    reached = {goal.text: goal.reached for goal in goals(table, None, layers)}
     assert reached["PNMI at k=500: it2 best layer > it1 best layer > MFCC"] is False
     assert reached["PNMI at k=500, each model's layer of the highest PNMI: it2 > it1 > MFCC"] is True
+    assert [goal.figures for goal in goals(table, None, layers)] == [  # what each verdict compares: ties are seen
+        "0.6100, 0.6500, 0.6400", "0.6600, 0.6500, 0.6400", "9.00 %, 12.00 %"]  # fmt: skip
     assert "| 3 | 0.620 | 1.10 | 9.00 | 0.610* | 1.10 | 9.00 |" in layer_table(layers)
     unscored = {it: layer_rows(abx, chosen[it], {"pnmi": 0.6}, lambda _: {}) for it in ("it1", "it2")}
     assert len(goals(table, None, unscored)) == 2  # only the chosen layers scored: no goal of every layer

@@ -15,7 +15,7 @@ import json
 import shlex
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from hubert_pipeline.tracking import checkout_uri
 
@@ -85,28 +85,37 @@ def best_layer_pnmi(layers: dict[str, Any] | None, it: str) -> float | None:
     return max(values) if values and None not in values else None
 
 
+class Goal(NamedTuple):
+    text: str
+    reached: bool | None  # None where the figures are missing
+    figures: str  # the values compared, printed beside the verdict: a near tie must be seen as one
+
+
 def goals(
     table: dict[str, dict[str, Any]], validation: dict[str, Any] | None, layers: dict[str, Any] | None = None
-) -> list[tuple[str, bool | None]]:
-    """(goal, reached) of a run that learns; None where the figures are missing."""
+) -> list[Goal]:
+    """The goals of a run that learns, each with its verdict and the figures it compares."""
     pnmi = {key: table[key]["pnmi"] for key in ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
             if table.get(key, {}).get("pnmi") is not None}  # fmt: skip
-    out: list[tuple[str, bool | None]] = []
+    out: list[Goal] = []
     if len(pnmi) == 3:  # noqa: PLR2004
         k = table["mfcc_at_k"]["k"]
-        out.append((f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC",
-                    pnmi["it2_best_layer"] > pnmi["it1_best_layer"] > pnmi["mfcc_at_k"]))  # fmt: skip
+        it2, it1, mfcc = pnmi["it2_best_layer"], pnmi["it1_best_layer"], pnmi["mfcc_at_k"]
+        out.append(Goal(f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC", it2 > it1 > mfcc,
+                        f"{it2:.4f}, {it1:.4f}, {mfcc:.4f}"))  # fmt: skip
         best = {it: best_layer_pnmi(layers, it) for it in ("it1", "it2")}
         if None not in best.values():  # every layer scored: the layers of the best units, whichever ABX chose
-            out.append((f"PNMI at k={k}, each model's layer of the highest PNMI: it2 > it1 > MFCC",
-                        best["it2"] > best["it1"] > pnmi["mfcc_at_k"]))  # fmt: skip  # ty: ignore[unsupported-operator]
+            b2, b1 = best["it2"], best["it1"]
+            out.append(Goal(f"PNMI at k={k}, each model's layer of the highest PNMI: it2 > it1 > MFCC",
+                            b2 > b1 > mfcc, f"{b2:.4f}, {b1:.4f}, {mfcc:.4f}"))  # fmt: skip  # ty: ignore[unsupported-operator]
     if "it1_best_layer" in table and "mfcc" in table:
-        out.append(("ABX across speakers: it1 best layer below MFCC",
-                    table["it1_best_layer"]["abx_across"] < table["mfcc"]["abx_across"]))  # fmt: skip
+        it1, mfcc = table["it1_best_layer"]["abx_across"], table["mfcc"]["abx_across"]
+        out.append(Goal("ABX across speakers: it1 best layer below MFCC", it1 < mfcc, f"{it1:.2f} %, {mfcc:.2f} %"))
     if validation is not None:
-        rate = validation.get("commonest_unit_rate")
-        reached = None if rate is None else validation["best_accuracy"] >= 2 * rate
-        out.append(("it1 valid masked accuracy at least twice the commonest-unit rate", reached))
+        rate, accuracy = validation.get("commonest_unit_rate"), validation["best_accuracy"]
+        reached, figures = (None, f"{accuracy:.3f}, rate not reported") if rate is None else (
+            accuracy >= 2 * rate, f"{accuracy:.3f}, 2 x {rate:.3f}")  # fmt: skip
+        out.append(Goal("it1 valid masked accuracy at least twice the commonest-unit rate", reached, figures))
     return out
 
 
@@ -151,7 +160,9 @@ def summary(root: Path, rev: str | None = None) -> str:
     if table:
         parts += ["", "Goals of a run that learns:"]
         marks = {True: "yes", False: "NO", None: "?"}
-        parts += [f"  [{marks[reached]}] {goal}" for goal, reached in goals(table, validation[1], per_layer)]
+        parts += [
+            f"  [{marks[goal.reached]}] {goal.text} ({goal.figures})" for goal in goals(table, validation[1], per_layer)
+        ]
     parts += ["", "Compare the iterations in MLflow (loss and accuracy per step, validation, ABX per layer, PNMI):",
               f"  {mlflow_ui_command(checkout_uri(root))}"]  # fmt: skip
     return "\n".join(parts)
