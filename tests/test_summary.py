@@ -90,7 +90,10 @@ def test_every_layers_pnmi_gives_a_goal_of_its_own_beside_the_layers_abx_chose()
     assert reached["PNMI at k=500: it2 best layer > it1 best layer > MFCC"] is False
     assert reached["PNMI at k=500, each model's layer of the highest PNMI: it2 > it1 > MFCC"] is True
     assert [goal.figures for goal in goals(table, None, layers)] == [  # what each verdict compares: ties are seen
-        "0.6100, 0.6500, 0.6400", "0.6600, 0.6500, 0.6400", "9.00 %, 12.00 %"]  # fmt: skip
+        "it2 0.6100, it1 0.6500, MFCC 0.6400",
+        "it2 0.6600, it1 0.6500, MFCC 0.6400",
+        "it1 9.00 %, MFCC 12.00 %",
+    ]
     assert "| 3 | 0.620 | 1.10 | 9.00 | 0.610* | 1.10 | 9.00 |" in layer_table(layers)
     unscored = {it: layer_rows(abx, chosen[it], {"pnmi": 0.6}, lambda _: {}) for it in ("it1", "it2")}
     assert len(goals(table, None, unscored)) == 2  # only the chosen layers scored: no goal of every layer

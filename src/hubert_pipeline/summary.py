@@ -102,19 +102,21 @@ def goals(
         k = table["mfcc_at_k"]["k"]
         it2, it1, mfcc = pnmi["it2_best_layer"], pnmi["it1_best_layer"], pnmi["mfcc_at_k"]
         out.append(Goal(f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC", it2 > it1 > mfcc,
-                        f"{it2:.4f}, {it1:.4f}, {mfcc:.4f}"))  # fmt: skip
+                        f"it2 {it2:.4f}, it1 {it1:.4f}, MFCC {mfcc:.4f}"))  # fmt: skip
         best = {it: best_layer_pnmi(layers, it) for it in ("it1", "it2")}
         if None not in best.values():  # every layer scored: the layers of the best units, whichever ABX chose
             b2, b1 = best["it2"], best["it1"]
             out.append(Goal(f"PNMI at k={k}, each model's layer of the highest PNMI: it2 > it1 > MFCC",
-                            b2 > b1 > mfcc, f"{b2:.4f}, {b1:.4f}, {mfcc:.4f}"))  # fmt: skip  # ty: ignore[unsupported-operator]
+                            b2 > b1 > mfcc, f"it2 {b2:.4f}, it1 {b1:.4f}, MFCC {mfcc:.4f}"))  # fmt: skip  # ty: ignore[unsupported-operator]
     if "it1_best_layer" in table and "mfcc" in table:
         it1, mfcc = table["it1_best_layer"]["abx_across"], table["mfcc"]["abx_across"]
-        out.append(Goal("ABX across speakers: it1 best layer below MFCC", it1 < mfcc, f"{it1:.2f} %, {mfcc:.2f} %"))
+        out.append(
+            Goal("ABX across speakers: it1 best layer below MFCC", it1 < mfcc, f"it1 {it1:.2f} %, MFCC {mfcc:.2f} %")
+        )
     if validation is not None:
         rate, accuracy = validation.get("commonest_unit_rate"), validation["best_accuracy"]
-        reached, figures = (None, f"{accuracy:.3f}, rate not reported") if rate is None else (
-            accuracy >= 2 * rate, f"{accuracy:.3f}, 2 x {rate:.3f}")  # fmt: skip
+        reached, figures = (None, f"accuracy {accuracy:.3f}, commonest unit not reported") if rate is None else (
+            accuracy >= 2 * rate, f"accuracy {accuracy:.3f}, commonest unit {rate:.3f}")  # fmt: skip
         out.append(Goal("it1 valid masked accuracy at least twice the commonest-unit rate", reached, figures))
     return out
 
