@@ -2,6 +2,7 @@
 logging through `stage_run`) whose stages write tiny files, so every hash can be checked against dvc.lock."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def project(tmp_path_factory):
     for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"], commit, ["dvc", "repro"]):
         result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
         assert result.returncode == 0, f"{cmd}: {result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    (root / "repro.log").write_text(result.stdout + result.stderr)  # what the user saw of the stages
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     runs = mlflow.search_runs(experiment_names=["lineage"], output_format="list")
     return root, {r.data.tags["stage"]: r for r in runs}
@@ -127,6 +129,17 @@ def test_the_manifests_a_run_reads_are_its_train_and_valid_datasets_with_dvcs_ha
         assert logged == {(Path(f).name.split(".")[0], md5(root / f), f) for f in files}, stage
         contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for i in inputs}
         assert contexts == {name: {"train": "training", "valid": "validation"}[name] for name in contexts}
+        sources = {i.dataset.name: (i.dataset.source_type, json.loads(i.dataset.source)["uri"]) for i in inputs}
+        assert sources == {Path(f).name.split(".")[0]: ("local", str(root / f)) for f in files}, stage
+
+
+@pytest.mark.slow  # the project: six DVC stages, each a process importing MLflow
+def test_logging_the_manifests_shows_none_of_mlflows_warnings_about_sources_or_integer_columns(project):
+    root, _ = project
+    log = (root / "repro.log").read_text()
+    assert "Running stage 'units_it1'" in log  # the stages' output is there
+    for warning in ("can be interpreted in multiple ways", "Inferred schema contains integer column"):
+        assert warning not in log
 
 
 @pytest.mark.slow  # the project: six DVC stages, each a process importing MLflow

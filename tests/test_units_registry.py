@@ -2,6 +2,7 @@
 
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -43,6 +44,24 @@ def registry(tmp_path_factory):
     yield {"root": root, "uri": uri, "parts": parts, "registered": registered,
            "corpus": write_corpus(root / "wav")}  # fmt: skip
     patch.undo()
+
+
+def test_registering_shows_none_of_mlflows_warnings_about_the_choices_we_made(tmp_path, monkeypatch, recwarn):
+    """No type hint on predict (our signature is given), no pip in uv's environments: MLflow says nothing of either."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # ty: ignore[invalid-assignment]
+    logger = logging.getLogger("mlflow.utils.environment")
+    logger.addHandler(handler)
+    try:
+        with stage_run("register_units_it1", mlflow_params=MlflowParams()):
+            registered = register_units_model(make_encoder_parts(tmp_path), name="quiet-units", alias="it1", tags={})
+    finally:
+        logger.removeHandler(handler)
+    said = [str(w.message) for w in recwarn] + [r.getMessage() for r in records]
+    assert registered["version"] == "1"
+    assert not [m for m in said if "Add type hints" in m or "pip version" in m], said
 
 
 def audio_frame(files: list[Path]) -> pd.DataFrame:

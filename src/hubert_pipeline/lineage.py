@@ -21,11 +21,13 @@ import json
 import logging
 import posixpath
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
+INTEGER_HINT = "Hint: Inferred schema contains integer column"
 MANIFEST_NAMES = ("train.csv", "valid.csv", "train.jsonl", "valid.jsonl")  # what a dataset input is
 CONTEXTS = {"train": "training", "valid": "validation"}
 SMALL_FILE = 64 << 20  # outputs up to this size get a `dvc_out/` md5 tag at the end of their run
@@ -232,18 +234,25 @@ def manifest_dataset(root: Path, path: Path, lock: Lock) -> Any:
     """An MLflow dataset of a manifest: named train/valid, digest DVC's hash. A CSV is read (schema and row count
     in the UI); a units JSONL (large: units of every frame) is described, not read."""
     import pandas as pd
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.data.pandas_dataset import from_pandas
 
     digest = lock.hash(_rel(root, path))
     if digest is None and path.stat().st_size <= MAX_HASHED:
         digest = file_md5(path)
-    name = path.name.split(".")[0]
+    name, source = path.name.split(".")[0], local_source(path)
     if path.suffix == ".csv":
-        return from_pandas(pd.read_csv(path), source=str(path.resolve()), name=name, digest=digest)
-    source = resolve_dataset_source(str(path.resolve()))
+        return from_pandas(pd.read_csv(path), source=source, name=name, digest=digest)
     return MetaDataset(source, name=name, digest=digest)  # ty: ignore[abstract-class-instantiation]  ty misreads it
+
+
+def local_source(path: Path) -> Any:
+    """The MLflow dataset source of a local file. MLflow registers its local source twice (schemes "" and "file",
+    one class each) and warns that a path matches both whenever it resolves one: resolved against the first alone."""
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+
+    local = [s for s in get_registered_sources() if getattr(s, "__name__", "") == "LocalArtifactDatasetSource"][:1]
+    return resolve_dataset_source(str(path.resolve()), candidate_sources=local or None)
 
 
 def log_manifests(root: Path, stage: str) -> None:
@@ -252,8 +261,12 @@ def log_manifests(root: Path, stage: str) -> None:
 
     lock = Lock(root)
     for path in manifests(root, stage):
-        dataset = manifest_dataset(root, path, lock)
-        mlflow.log_input(dataset, context=CONTEXTS.get(dataset.name), tags={"path": _rel(root, path)})
+        # MLflow's hint that integer columns cannot hold missing values (meant for models' input schemas; a manifest's
+        # sample counts never miss) would be shown once per manifest and stage
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=INTEGER_HINT, category=UserWarning)
+            dataset = manifest_dataset(root, path, lock)
+            mlflow.log_input(dataset, context=CONTEXTS.get(dataset.name), tags={"path": _rel(root, path)})
 
 
 def tag_outputs(root: Path, stage: str) -> None:

@@ -24,6 +24,10 @@ from mlflow.pyfunc import PythonModel
 
 
 class UnitsModel(PythonModel):
+    # predict has no type hint on purpose: MLflow would read it as a second signature (ours is given at logging).
+    # Without this MLflow warns of it each time it loads this file, in every stage that logs or loads the model.
+    _skip_type_hint_validation = True
+
     def load_context(self, context: Any) -> None:
         from hubert_pipeline.unit_encoder import (
             CENTROIDS_ARTIFACT,
@@ -46,7 +50,6 @@ class UnitsModel(PythonModel):
             f.flush()
             return self.encoder.units(load_audio(AudioSource(f.name, resample=True, downmix=True)))
 
-    # model_input without a type hint: MLflow reads predict's hints as a signature (ours is given at logging)
     def predict(self, context: Any, model_input, params: dict[str, Any] | None = None) -> Any:  # noqa: ANN001, ARG002
         import pandas as pd
 

@@ -6,10 +6,13 @@ alias `itN`, beside the checkpoint-only `<name>@itN` that `HuBERT.from_pretraine
 """
 
 import base64
+import contextlib
 import io
 import json
+import logging
 import tempfile
 import wave
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,23 @@ def requirements() -> list[str]:
                                                     "safetensors", "numpy", "pandas")]  # fmt: skip
 
 
+class _NoPipVersion(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Failed to resolve installed pip version" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_pip_version() -> Generator[None]:
+    """uv's environments have no pip, of which MLflow warns when it writes the model's conda.yaml: the requirements
+    are pinned (`requirements()`) and the model is served with `--env-manager local`, so the line is not shown."""
+    logger, quiet = logging.getLogger("mlflow.utils.environment"), _NoPipVersion()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 def register_units_model(parts: EncoderParts, *, name: str, alias: str, tags: dict[str, str]) -> dict[str, Any]:
     """Log the encoder as a pyfunc model in the active run, register it as `name`, point `alias` at it."""
     import mlflow
@@ -68,7 +88,7 @@ def register_units_model(parts: EncoderParts, *, name: str, alias: str, tags: di
 
     config = {"layer": parts.layer, "normalize": parts.normalize, "centroids_sha256": sha256_of(parts.centroids),
               "checkpoint_sha256": sha256_of(parts.checkpoint)}  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="hubert-units-model-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="hubert-units-model-") as tmp, _quiet_pip_version():
         (Path(tmp) / "units.json").write_text(json.dumps(config, indent=2) + "\n")
         info = mlflow.pyfunc.log_model(
             name="units_model",
