@@ -122,7 +122,9 @@ case "$cmd" in
     uv run --frozen ruff format --check src stages tests bench docs
     uv run --frozen ty check src stages tests bench docs    # types
     if [ $# -gt 0 ]; then uv run --frozen pytest "$@"; exit; fi
-    uv run --frozen pytest --durations=25 # the default suite (not gpu, not slurm); its slowest tests listed
+    uv run --frozen pytest --durations=10 # the default suite: the fast tests (not slow, gpu, slurm or server)
+    log "slow tests: whole reduced pipelines, DVC experiments, every README command after a reduced demo"
+    uv run --frozen pytest -m "slow and not slurm and not server" --durations=25  # their slowest listed
     log "SLURM tests: a single-node cluster on loopback (slurm/local-cluster.sh)"
     uv run --frozen pytest -m slurm
     log "tracking-server tests: PostgreSQL and an MLflow server on loopback (scripts/tracking_server.sh)"
