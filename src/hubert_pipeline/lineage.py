@@ -240,13 +240,13 @@ def manifest_dataset(root: Path, path: Path, lock: Lock) -> Any:
     digest = lock.hash(_rel(root, path))
     if digest is None and path.stat().st_size <= MAX_HASHED:
         digest = file_md5(path)
-    name, source = path.name.split(".")[0], local_source(path)
+    name, source = path.name.split(".")[0], dataset_source(path)
     if path.suffix == ".csv":
         return from_pandas(pd.read_csv(path), source=source, name=name, digest=digest)
     return MetaDataset(source, name=name, digest=digest)  # ty: ignore[abstract-class-instantiation]  ty misreads it
 
 
-def local_source(path: Path) -> Any:
+def dataset_source(path: Path) -> Any:
     """The MLflow dataset source of a local file. MLflow registers its local source twice (schemes "" and "file",
     one class each) and warns that a path matches both whenever it resolves one: resolved against the first alone."""
     from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source

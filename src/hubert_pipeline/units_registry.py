@@ -64,21 +64,20 @@ def requirements() -> list[str]:
                                                     "safetensors", "numpy", "pandas")]  # fmt: skip
 
 
-class _NoPipVersion(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Failed to resolve installed pip version" not in record.getMessage()
+def _not_pip_version(record: logging.LogRecord) -> bool:
+    return "Failed to resolve installed pip version" not in record.getMessage()
 
 
 @contextlib.contextmanager
 def _quiet_pip_version() -> Generator[None]:
     """uv's environments have no pip, of which MLflow warns when it writes the model's conda.yaml: the requirements
     are pinned (`requirements()`) and the model is served with `--env-manager local`, so the line is not shown."""
-    logger, quiet = logging.getLogger("mlflow.utils.environment"), _NoPipVersion()
-    logger.addFilter(quiet)
+    logger = logging.getLogger("mlflow.utils.environment")
+    logger.addFilter(_not_pip_version)
     try:
         yield
     finally:
-        logger.removeFilter(quiet)
+        logger.removeFilter(_not_pip_version)
 
 
 def register_units_model(parts: EncoderParts, *, name: str, alias: str, tags: dict[str, str]) -> dict[str, Any]:
