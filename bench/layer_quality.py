@@ -2,6 +2,7 @@
 
     uv run python bench/layer_quality.py outputs/pretrain/it1/best --k 500 --layers 1 2 3 4
     uv run python bench/layer_quality.py mfcc --k 500          # MFCC at the same k, from outputs/features/mfcc
+    uv run python bench/layer_quality.py log_mel --k 500       # the log-mel front end's frames (model.*), no weights
 
 For each layer: features of the k-means fitting subset of the training manifest (`extract_layer_features`), k-means
 (`fit_kmeans`, the params' kmeans settings), units of the valid split straight from audio (`stream_units_for_split`),
@@ -22,7 +23,7 @@ from hubert_pipeline.params import load_params
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="model folder or checkpoint, or mfcc")
+    parser.add_argument("model", help="model folder or checkpoint, or mfcc, or log_mel (the front end's frames)")
     parser.add_argument("--k", type=int, default=500)
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--fit-fraction", type=float, help="of the training files (default: kmeans.fit_fraction)")
@@ -37,9 +38,11 @@ def main() -> None:
     fraction = params.kmeans.fit_fraction if args.fit_fraction is None else args.fit_fraction
     params = dataclasses.replace(params, kmeans=dataclasses.replace(params.kmeans, k=args.k, fit_fraction=fraction))
     with tempfile.TemporaryDirectory(prefix="layer_quality-") as work:
-        for layer in [0] if args.model == "mfcc" else args.layers:
+        for layer in [0] if args.model in {"mfcc", "log_mel"} else args.layers:
             if args.model == "mfcc":
                 quality = lq.mfcc_quality(args.manifests, args.mfcc, Path(work), params)
+            elif args.model == "log_mel":
+                quality = lq.log_mel_quality(args.manifests, Path(work), params)
             else:
                 quality = lq.layer_quality(args.model, layer, normalize=params.train_it1.normalize,
                                            manifests=args.manifests, work=Path(work) / f"layer{layer}",

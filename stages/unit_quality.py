@@ -1,7 +1,9 @@
 """Stage unit_quality: unit quality across iterations on one table, beside ABX.
 
 Rows: the MFCC units (targets of iteration 1, k = kmeans.k_it1), MFCC units at the layers' k (kmeans.k: PNMI grows
-with k, so layers are compared with these), the it1 best-layer units (targets of iteration 2), and the units of
+with k, so layers are compared with these), with `unit_quality.untrained` the untrained control (iteration 1's
+initial weights, `train.initial_model`, at iteration 1's layer, scored as that layer: what training added), the it1
+best-layer units (targets of iteration 2), and the units of
 the it2 model's best layer (what an iteration 3 would train on: k-means with k = kmeans.k on the same fitting
 subset, valid split only). Columns: PNMI, phone purity, cluster purity on the valid split, and ABX (within and
 across speakers) of MFCC and of each model's best layer. Written as a DVC metrics file and logged to MLflow:
@@ -55,6 +57,7 @@ if __name__ == "__main__":
         layer_valid_units,
         mfcc_quality,
         score,
+        untrained_quality,
     )
     from hubert_pipeline.params import load_params
     from hubert_pipeline.summary import experiment_summary
@@ -87,16 +90,21 @@ if __name__ == "__main__":
             mfcc_at_k = mfcc_quality(manifests, Path(args.mfcc), work, params)  # MFCC at the layers' k
             layer_valid_units(manifests, work / "valid.jsonl", centroids=work / "centroids.safetensors", **it2_layer)
             it3 = score(work / "valid.jsonl", alignments)
+        untrained = {}
+        if params.unit_quality.untrained:  # the control: iteration 1's initial weights at iteration 1's layer
+            untrained = untrained_quality(best["it1"], manifests=manifests, work=work / "untrained", params=params)
         it1_units = json.loads(Path(args.units_it1).read_text())["valid"]
         it2_units = json.loads(Path(args.units_it2).read_text())["valid"]
         rows = {
             "mfcc": {"source": "MFCC", "k": cfg.k_it1, **it1_units, **scores["it1"]["mfcc"]},
             "mfcc_at_k": {"source": "MFCC", "k": cfg.k, **mfcc_at_k, **scores["it1"]["mfcc"]},
+            "it1_untrained": {"source": f"it1 layer {best['it1']}, untrained", "k": cfg.k, **untrained},
             "it1_best_layer": {"source": f"it1 layer {best['it1']}", "k": cfg.k, **it2_units,
                                **scores["it1"][f"layer_{best['it1']}"]},
             "it2_best_layer": {"source": f"it2 layer {best['it2']}", "k": cfg.k, **it3,
                                **scores["it2"][f"layer_{best['it2']}"]},
         }  # fmt: skip
+        rows = {name: row for name, row in rows.items() if name != "it1_untrained" or untrained}
         keep = ("source", "k", "pnmi", "phone_purity", "cluster_purity", "within", "across")
         table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
                  for name, row in rows.items()}  # fmt: skip

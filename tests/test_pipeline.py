@@ -239,8 +239,10 @@ def test_abx_per_layer_is_a_metric_and_a_png_and_feeds_iteration_two(project):
 
 @pytest.mark.slow
 def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project):
+    from hubert_pipeline.model import HuBERT
+
     table = json.loads((project / "metrics" / "unit_quality.json").read_text())
-    assert sorted(table) == ["it1_best_layer", "it2_best_layer", "mfcc", "mfcc_at_k"]
+    assert sorted(table) == ["it1_best_layer", "it1_untrained", "it2_best_layer", "mfcc", "mfcc_at_k"]
     best = {it: json.loads((project / "outputs" / "abx" / it / "best_layer.json").read_text())["layer"]
             for it in ("it1", "it2")}  # fmt: skip
     assert table["it1_best_layer"]["source"] == f"it1 layer {best['it1']}"
@@ -256,6 +258,15 @@ def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project
         assert 0 <= row["abx_within"] <= 100
     mfcc_abx = json.loads((project / "outputs" / "abx" / "it1" / "scores.json").read_text())["mfcc"]["within"]
     assert table["mfcc"]["abx_within"] == mfcc_abx
+    # the untrained control: iteration 1's initial weights at iteration 1's layer, scored as that layer is
+    assert table["it1_untrained"]["source"] == f"it1 layer {best['it1']}, untrained"
+    assert table["it1_untrained"]["k"] == TINY["kmeans"]["k"]
+    assert table["it1_untrained"]["pnmi"] != table["it1_best_layer"]["pnmi"]
+    untrained = HuBERT.from_pretrained(project / "outputs" / "unit_quality" / "untrained" / "model")
+    trained = HuBERT.from_pretrained(project / "outputs" / "pretrain" / "it1" / "best")
+    assert untrained.config == trained.config
+    assert not torch.equal(untrained.state_dict()["encoder.layers.0.attention.qkv.weight"],
+                           trained.state_dict()["encoder.layers.0.attention.qkv.weight"])  # fmt: skip
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlruns/mlflow.db")
     (run_,) = mlflow.search_runs(experiment_names=["hubert-pipeline"], output_format="list",
                                  filter_string="tags.stage = 'unit_quality'")  # fmt: skip

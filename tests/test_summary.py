@@ -99,6 +99,28 @@ def test_every_layers_pnmi_gives_a_goal_of_its_own_beside_the_layers_abx_chose()
     assert len(goals(table, None, unscored)) == 2  # only the chosen layers scored: no goal of every layer
 
 
+def test_the_untrained_control_is_a_row_and_a_goal_and_is_shown_beside_the_abx_goal():
+    """The demo's seed 0 (2026-12-07): iteration 1's initial weights are already below MFCC across speakers."""
+    row = {"k": 500, "phone_purity": 0.5, "cluster_purity": 0.1, "abx_within": 1.0}
+    table = {"mfcc": row | {"source": "MFCC", "k": 100, "pnmi": 0.470, "abx_across": 20.19},
+             "mfcc_at_k": row | {"source": "MFCC", "pnmi": 0.6268, "abx_across": 20.19},
+             "it1_untrained": row | {"source": "it1 layer 1, untrained", "pnmi": 0.5847, "abx_across": 18.07},
+             "it1_best_layer": row | {"source": "it1 layer 1", "pnmi": 0.6269, "abx_across": 17.48},
+             "it2_best_layer": row | {"source": "it2 layer 1", "pnmi": 0.6296, "abx_across": 17.24}}  # fmt: skip
+    text = unit_table(table).splitlines()
+    names = ["| MFCC", "| MFCC", "| it1 layer 1, untrained", "| it1 layer 1", "| it2 layer 1"]
+    assert [line.split(" | ")[0] for line in text[2:]] == names
+    verdicts = {goal.text: (goal.reached, goal.figures) for goal in goals(table, None)}
+    abx = "it1 17.48 %, MFCC 20.19 %, it1 untrained 18.07 %"
+    assert verdicts["ABX across speakers: it1 best layer below MFCC"] == (True, abx)
+    control = "PNMI 0.6269 against 0.5847, ABX across 17.48 % against 18.07 %"
+    assert verdicts["it1 best layer better than the same layer untrained"] == (True, control)
+    table["it1_best_layer"]["abx_across"] = 18.5  # better units, worse ABX: not better
+    assert not {g.text: g.reached for g in goals(table, None)}["it1 best layer better than the same layer untrained"]
+    del table["it1_untrained"]
+    assert "it1 best layer better than the same layer untrained" not in {g.text for g in goals(table, None)}
+
+
 def _write_results(root, pnmi: float, layer: int) -> None:
     row = {"source": "MFCC", "k": 500, "pnmi": 0.6, "phone_purity": 0.5, "cluster_purity": 0.1, "abx_within": 1.0,
            "abx_across": 20.0}  # fmt: skip

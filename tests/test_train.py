@@ -12,7 +12,7 @@ from conftest import write_wav
 
 from hubert_pipeline.model import HuBERT, HubertConfig
 from hubert_pipeline.params import TrainParams, ValidateParams
-from hubert_pipeline.train import NonFiniteLossError, list_checkpoints, train
+from hubert_pipeline.train import NonFiniteLossError, initial_model, list_checkpoints, train
 from hubert_pipeline.units import model_frames
 from hubert_pipeline.validate import choose, validate_checkpoints
 
@@ -100,6 +100,20 @@ def test_a_training_checkpoint_of_the_log_mel_model_loads_as_a_teacher(manifest,
     weights = {k: v for k, v in state["model"].items() if k in teacher.state_dict()}
     assert weights
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_the_untrained_control_holds_the_weights_a_run_starts_from(manifest, tmp_path):
+    """With lr 0 AdamW leaves every weight as it was (its decay is lr x weight_decay): the checkpoint after two steps
+    holds the run's initial weights, which `initial_model` gives without training."""
+    cfg = replace(CFG, max_steps=2, lr=0.0, weight_decay=0.01, seed=3)
+    run_train(manifest, tmp_path, cfg)
+    trained = torch.load(tmp_path / "step_00000002.pt", weights_only=True)["model"]
+    start = initial_model(cfg, HubertConfig.preset("tiny", **NO_DROPOUT), 8).state_dict()
+    assert start.keys() == trained.keys()
+    assert all(torch.equal(start[k], trained[k]) for k in start)
+    other = initial_model(replace(cfg, seed=4), HubertConfig.preset("tiny", **NO_DROPOUT), 8).state_dict()
+    assert not torch.equal(other["encoder.layers.0.feed_forward.output_dense.weight"],
+                           start["encoder.layers.0.feed_forward.output_dense.weight"])  # fmt: skip
 
 
 def test_resumed_run_gives_the_losses_and_weights_of_an_uninterrupted_run(manifest, tmp_path):

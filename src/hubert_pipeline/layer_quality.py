@@ -107,3 +107,66 @@ def layer_rows(
             "chosen": layer == chosen,
         }
     return rows
+
+
+def save_untrained(folder: Path, params: Params) -> None:
+    """Iteration 1's initial weights (`train.initial_model` of train_it1 and model.*), as a model folder."""
+    from hubert_pipeline.compat import save_native
+    from hubert_pipeline.model import HuBERT, HubertConfig
+    from hubert_pipeline.train import initial_model
+
+    config = HubertConfig.preset(params.model.size, **params.model.overrides)
+    start = initial_model(params.train_it1, config, params.kmeans.k_it1)
+    save_native(HuBERT.from_state_dict(start.state_dict(), config), folder, extra={"step": 0, "iteration": 1})
+
+
+def untrained_quality(layer: int, *, manifests: Path, work: Path, params: Params) -> dict[str, float]:
+    """The untrained control: iteration 1's initial weights at `layer`, scored as the trained layer is (PNMI and
+    purities at kmeans.k where there are alignments, ABX within and across speakers). What iteration 1's training
+    added is its row minus this one; work/model keeps the weights, work/units the centroids and units."""
+    from hubert_pipeline.abx import abx_per_layer
+
+    save_untrained(work / "model", params)
+    model, normalize = str(work / "model"), params.train_it1.normalize
+    quality = {}
+    if params.data.alignments:
+        quality = layer_quality(model, layer, normalize=normalize, manifests=manifests, work=work / "units",
+                                params=params)  # fmt: skip
+    abx = {"model": model, "items": params.data.abx_items, "audio_root": params.data.abx_audio,
+           "normalize": normalize, "device": params.execution.device, "max_layers": layer,
+           "extensions": params.manifest.extensions, "resample": params.manifest.resample,
+           "downmix": params.manifest.downmix}  # fmt: skip
+    scores = run_job(abx_per_layer, abx, execution=params.execution, desc="abx-untrained", gpu=True)
+    return quality | scores[f"layer_{layer}"]
+
+
+def log_mel_quality(manifests: Path, work: Path, params: Params) -> dict[str, float]:
+    """PNMI and purities at kmeans.k of the log-mel front end's frames (model.*'s mel_bins, two 10 ms frames stacked
+    per 20 ms: the input a log-mel model sees, before any weight), fitted on features_it2's subset; work/ keeps the
+    features and centroids."""
+    import torch
+
+    from hubert_pipeline.audio import load_audio, source_of
+    from hubert_pipeline.kmeans import load_centroids, predict
+    from hubert_pipeline.layer_features import fit_subset
+    from hubert_pipeline.manifest import read_manifest
+    from hubert_pipeline.model import LogMelFrontEnd
+    from hubert_pipeline.model_config import HubertConfig
+    from hubert_pipeline.store import finalize_store, write_shard
+
+    config = HubertConfig.preset(params.model.size, **params.model.overrides)
+    front_end, dim = LogMelFrontEnd(config.mel_bins, config.conv_layers), 2 * config.mel_bins
+
+    def frames(row: dict[str, Any]) -> Any:
+        with torch.no_grad():
+            return front_end(load_audio(source_of(row))[None])[0].numpy()
+
+    subset = fit_subset(read_manifest(manifests / "train.csv"), params.kmeans.fit_fraction, params.kmeans.seed)
+    store, centroids = work / "features", work / "centroids.safetensors"
+    write_shard(store, 0, ((row["fileid"], frames(row)) for row in subset.to_dicts()), dtype="float32", dim=dim)
+    finalize_store(store, num_shards=1, dim=dim, dtype="float32", frame_rate=50.0)
+    fit_centroids(store, centroids, params, fit_fraction=1.0, metadata={"source": "log_mel"})
+    table = load_centroids(centroids)
+    valid = read_manifest(manifests / "valid.csv").to_dicts()
+    units = {row["fileid"]: predict(frames(row), table).numpy() for row in valid}
+    return unit_quality(units, Path(params.data.alignments) / "valid.jsonl")

@@ -190,6 +190,7 @@ class AbxParams:
 @dataclass(frozen=True)
 class UnitQualityParams:
     every_layer: bool = False  # PNMI and purities of every layer of both models, not only of the layers ABX chose
+    untrained: bool = True  # a row for iteration 1's initial weights at its chosen layer: what training added
 
 
 @dataclass(frozen=True)

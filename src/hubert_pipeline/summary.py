@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 
 from hubert_pipeline.tracking import checkout_uri
 
-ROWS = (("mfcc", "MFCC"), ("mfcc_at_k", "MFCC"), ("it1_best_layer", None), ("it2_best_layer", None))
+ROWS = (("mfcc", "MFCC"), ("mfcc_at_k", "MFCC"), ("it1_untrained", None), ("it1_best_layer", None),
+        ("it2_best_layer", None))  # fmt: skip
 COLUMNS = ("k", "pnmi", "phone_purity", "cluster_purity", "abx_within", "abx_across")
 HEADER = ("units", "k", "PNMI", "phone purity", "cluster purity", "ABX within %", "ABX across %")
 
@@ -110,15 +111,32 @@ def goals(
                             b2 > b1 > mfcc, f"it2 {b2:.4f}, it1 {b1:.4f}, MFCC {mfcc:.4f}"))  # fmt: skip  # ty: ignore[unsupported-operator]
     if "it1_best_layer" in table and "mfcc" in table:
         it1, mfcc = table["it1_best_layer"]["abx_across"], table["mfcc"]["abx_across"]
-        out.append(
-            Goal("ABX across speakers: it1 best layer below MFCC", it1 < mfcc, f"it1 {it1:.2f} %, MFCC {mfcc:.2f} %")
-        )
+        figures = f"it1 {it1:.2f} %, MFCC {mfcc:.2f} %"
+        if "it1_untrained" in table:  # an untrained model may be below MFCC too: then this goal shows no learning
+            figures += f", it1 untrained {table['it1_untrained']['abx_across']:.2f} %"
+        out.append(Goal("ABX across speakers: it1 best layer below MFCC", it1 < mfcc, figures))
+    if (control := untrained_goal(table)) is not None:
+        out.append(control)
     if validation is not None:
         rate, accuracy = validation.get("commonest_unit_rate"), validation["best_accuracy"]
         reached, figures = (None, f"accuracy {accuracy:.3f}, commonest unit not reported") if rate is None else (
             accuracy >= 2 * rate, f"accuracy {accuracy:.3f}, commonest unit {rate:.3f}")  # fmt: skip
         out.append(Goal("it1 valid masked accuracy at least twice the commonest-unit rate", reached, figures))
     return out
+
+
+def untrained_goal(table: dict[str, dict[str, Any]]) -> Goal | None:
+    """Training added to iteration 1's layer: its units (PNMI, where measured) and ABX across speakers better than
+    the same layer's with iteration 1's initial weights (the untrained control row); None without that row."""
+    if "it1_untrained" not in table or "it1_best_layer" not in table:
+        return None
+    start, trained = table["it1_untrained"], table["it1_best_layer"]
+    better, figures = trained["abx_across"] < start["abx_across"], []
+    if None not in (trained["pnmi"], start["pnmi"]):
+        better = better and trained["pnmi"] > start["pnmi"]
+        figures.append(f"PNMI {trained['pnmi']:.4f} against {start['pnmi']:.4f}")
+    figures.append(f"ABX across {trained['abx_across']:.2f} % against {start['abx_across']:.2f} %")
+    return Goal("it1 best layer better than the same layer untrained", better, ", ".join(figures))
 
 
 def iteration_line(

@@ -40,11 +40,11 @@ if TYPE_CHECKING:
     from torch.utils.data import DataLoader
 
     from hubert_pipeline.data import Batch, Collator, ResumableBatchSampler
-    from hubert_pipeline.model import HubertConfig, Size
+    from hubert_pipeline.model import HubertConfig, HuBERTPretrain, Size
 
 # The step's API, also importable from here (tests/equality.py, bench/train_throughput.py use it):
-__all__ = ["NonFiniteLossError", "Optimization", "build_training", "list_checkpoints", "lr_lambda",
-           "optimization_step", "train"]  # fmt: skip
+__all__ = ["NonFiniteLossError", "Optimization", "build_training", "initial_model", "list_checkpoints",
+           "lr_lambda", "optimization_step", "train"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +283,15 @@ def _initialise_weights(model: torch.nn.Module, init_from: str) -> None:
     encoder = HuBERT.from_pretrained(init_from)
     missing, _ = model.load_state_dict(encoder.state_dict(), strict=False)
     logger.info("initialised from %s (%d head parameters left random)", init_from, len(missing))
+
+
+def initial_model(cfg: TrainParams, model_cfg: "HubertConfig", num_classes: int) -> "HuBERTPretrain":
+    """The weights a fresh run of `cfg` starts from, on the CPU: cfg.seed's draw, then cfg.init_from's encoder where
+    set. The untrained control of the unit-quality table (what training added is measured against these)."""
+    model, _ = build_training(cfg, model_cfg, num_classes, torch.device("cpu"))
+    if cfg.init_from:
+        _initialise_weights(model, cfg.init_from)
+    return model.eval()
 
 
 def train(
