@@ -90,21 +90,22 @@ if __name__ == "__main__":
             mfcc_at_k = mfcc_quality(manifests, Path(args.mfcc), work, params)  # MFCC at the layers' k
             layer_valid_units(manifests, work / "valid.jsonl", centroids=work / "centroids.safetensors", **it2_layer)
             it3 = score(work / "valid.jsonl", alignments)
-        untrained = {}
+        untrained = None
         if params.unit_quality.untrained:  # the control: iteration 1's initial weights at iteration 1's layer
-            untrained = untrained_quality(best["it1"], manifests=manifests, work=work / "untrained", params=params)
+            untrained = untrained_quality(models["it1"], best["it1"], manifests=manifests, work=work / "untrained",
+                                          params=params)  # fmt: skip
         it1_units = json.loads(Path(args.units_it1).read_text())["valid"]
         it2_units = json.loads(Path(args.units_it2).read_text())["valid"]
         rows = {
             "mfcc": {"source": "MFCC", "k": cfg.k_it1, **it1_units, **scores["it1"]["mfcc"]},
             "mfcc_at_k": {"source": "MFCC", "k": cfg.k, **mfcc_at_k, **scores["it1"]["mfcc"]},
-            "it1_untrained": {"source": f"it1 layer {best['it1']}, untrained", "k": cfg.k, **untrained},
+            "it1_untrained": {"source": f"it1 layer {best['it1']}, untrained", "k": cfg.k, **(untrained or {})},
             "it1_best_layer": {"source": f"it1 layer {best['it1']}", "k": cfg.k, **it2_units,
                                **scores["it1"][f"layer_{best['it1']}"]},
             "it2_best_layer": {"source": f"it2 layer {best['it2']}", "k": cfg.k, **it3,
                                **scores["it2"][f"layer_{best['it2']}"]},
         }  # fmt: skip
-        rows = {name: row for name, row in rows.items() if name != "it1_untrained" or untrained}
+        rows = {name: row for name, row in rows.items() if name != "it1_untrained" or untrained is not None}
         keep = ("source", "k", "pnmi", "phone_purity", "cluster_purity", "within", "across")
         table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
                  for name, row in rows.items()}  # fmt: skip

@@ -28,3 +28,21 @@ def test_a_dump_larger_than_the_free_disk_is_refused_naming_the_fraction(tmp_pat
     with pytest.raises(ValueError, match=r"do not fit in the .* GB free under .*: lower kmeans.fit_fraction"):
         check_dump_fits(corpus, tmp_path / "features" / "it2", dim=768, dtype="float32")
     check_dump_fits(manifest(295, 8.0), tmp_path / "features" / "it2", dim=128, dtype="float32")  # the demo: 61 MB
+
+
+def test_no_untrained_control_for_a_teacher_of_another_architecture(tmp_path, caplog):
+    """A Large run's teacher is a Base model: iteration 1's initial weights are no control for it."""
+    from hubert_pipeline.compat import save_native
+    from hubert_pipeline.layer_quality import untrained_quality
+    from hubert_pipeline.model import HuBERT, HubertConfig
+    from hubert_pipeline.params import Params
+
+    params = Params()
+    other = HubertConfig.preset(params.model.size, **params.model.overrides, encoder_num_layers=2)
+    save_native(HuBERT(other), tmp_path / "teacher")
+    with caplog.at_level("INFO"):
+        quality = untrained_quality(str(tmp_path / "teacher"), 1, manifests=tmp_path, work=tmp_path / "w",
+                                    params=params)  # fmt: skip
+    assert quality is None
+    assert "no untrained control" in caplog.text
+    assert not (tmp_path / "w").exists()

@@ -9,6 +9,7 @@ layer of both iterations' models (the HuBERT paper's PNMI per layer, beside ABX 
 chose make the best units?); bench/layer_quality.py scores any checkpoint.
 """
 
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from hubert_pipeline.unit_metrics import unit_quality
 from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
 QUALITIES = ("pnmi", "phone_purity", "cluster_purity")
+logger = logging.getLogger(__name__)
 
 
 def fit_centroids(
@@ -120,12 +122,20 @@ def save_untrained(folder: Path, params: Params) -> None:
     save_native(HuBERT.from_state_dict(start.state_dict(), config), folder, extra={"step": 0, "iteration": 1})
 
 
-def untrained_quality(layer: int, *, manifests: Path, work: Path, params: Params) -> dict[str, float]:
+def untrained_quality(
+    teacher: str, layer: int, *, manifests: Path, work: Path, params: Params
+) -> dict[str, float] | None:
     """The untrained control: iteration 1's initial weights at `layer`, scored as the trained layer is (PNMI and
     purities at kmeans.k where there are alignments, ABX within and across speakers). What iteration 1's training
-    added is its row minus this one; work/model keeps the weights, work/units the centroids and units."""
+    added is its row minus this one; work/model keeps the weights, work/units the centroids and units. None where
+    `teacher` (iteration2.teacher) is not of the architecture iteration 1 trains (a Base teacher of the Large
+    recipe): no control for a model this pipeline did not start."""
     from hubert_pipeline.abx import abx_per_layer
+    from hubert_pipeline.model import HuBERT, HubertConfig
 
+    if HuBERT.from_pretrained(teacher).config != HubertConfig.preset(params.model.size, **params.model.overrides):
+        logger.info("%s is not of model.* (iteration 1's architecture): no untrained control", teacher)
+        return None
     save_untrained(work / "model", params)
     model, normalize = str(work / "model"), params.train_it1.normalize
     quality = {}
