@@ -99,13 +99,15 @@ if __name__ == "__main__":
         rows = {
             "mfcc": {"source": "MFCC", "k": cfg.k_it1, **it1_units, **scores["it1"]["mfcc"]},
             "mfcc_at_k": {"source": "MFCC", "k": cfg.k, **mfcc_at_k, **scores["it1"]["mfcc"]},
-            "it1_untrained": {"source": f"it1 layer {best['it1']}, untrained", "k": cfg.k, **(untrained or {})},
+        }
+        if untrained is not None:
+            rows["it1_untrained"] = {"source": f"it1 layer {best['it1']}, untrained", "k": cfg.k, **untrained}
+        rows |= {
             "it1_best_layer": {"source": f"it1 layer {best['it1']}", "k": cfg.k, **it2_units,
                                **scores["it1"][f"layer_{best['it1']}"]},
             "it2_best_layer": {"source": f"it2 layer {best['it2']}", "k": cfg.k, **it3,
                                **scores["it2"][f"layer_{best['it2']}"]},
         }  # fmt: skip
-        rows = {name: row for name, row in rows.items() if name != "it1_untrained" or untrained is not None}
         keep = ("source", "k", "pnmi", "phone_purity", "cluster_purity", "within", "across")
         table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
                  for name, row in rows.items()}  # fmt: skip

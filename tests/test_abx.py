@@ -76,6 +76,13 @@ def test_random_tiny_model_gives_one_entry_per_layer(scores, tiny_model):
 
 
 @pytest.mark.slow
+def test_without_mfcc_only_the_layers_are_scored_and_equal_to_a_run_with_mfcc(demo, tiny_model, scores):
+    got = abx_per_layer(tiny_model, demo / "abx.item", demo / "wav" / "abx", device="cpu", max_layers=2, mfcc=False)
+    assert list(got) == ["layer_1", "layer_2"]
+    assert got == {name: scores[name] for name in got}
+
+
+@pytest.mark.slow
 def test_features_equal_a_per_file_get_intermediate_outputs_call(demo, tiny_model):
     paths = dict(
         list(find_audio([p.stem for p in (demo / "wav" / "abx").rglob("*.wav")], demo / "wav" / "abx").items())[:2]

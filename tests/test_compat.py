@@ -14,6 +14,7 @@ from torch.testing import assert_close
 
 from hubert_pipeline import convert
 from hubert_pipeline.compat import (
+    config_of,
     export_hf,
     infer_config,
     load_state_dict_any,
@@ -310,6 +311,16 @@ def test_native_folder_round_trips_weights_config_and_extra_metadata(tmp_path, w
     assert not hasattr(encoder_only, "logit_generator")
     with torch.no_grad():
         assert_close(encoder_only(waveforms), hidden(ours, waveforms))
+
+
+def test_config_of_reads_a_native_folder_without_its_weights_and_infers_other_layouts(tmp_path):
+    cfg = HubertConfig.preset("tiny", encoder_layer_drop=0.3, logit_temperature=0.2)  # fields no weight shape carries
+    save_native(seeded(HuBERT, cfg), tmp_path / "native")
+    (tmp_path / "native" / "model.safetensors").unlink()  # config.json alone says the architecture
+    assert config_of(tmp_path / "native") == cfg
+    ours = seeded(HuBERT, HubertConfig.preset("tiny"))
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, tmp_path / "model.safetensors")
+    assert config_of(tmp_path / "model.safetensors") == HuBERT.from_pretrained(tmp_path / "model.safetensors").config
 
 
 def test_reserved_extra_metadata_keys_are_refused(tmp_path):

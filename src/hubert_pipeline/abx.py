@@ -126,8 +126,10 @@ def extract_features(
     max_layers: int | None = None,
     resample: bool = False,
     downmix: bool = False,
+    mfcc: bool = True,
 ) -> dict[str, dict[str, "torch.Tensor"]]:
-    """{"mfcc" | "layer_k": {fileid: (frames, dim) float32 CPU tensor}}: MFCC (100 Hz) and every layer's output (50 Hz).
+    """{"mfcc" | "layer_k": {fileid: (frames, dim) float32 CPU tensor}}: MFCC (100 Hz; not with `mfcc` False) and
+    every layer's output (50 Hz).
 
     One forward pass per file gives all the layers. `normalize` applies layer norm to the waveform (fairseq's
     task.normalize, True for Large models) before the model; the MFCC always see the raw waveform. The model is used in
@@ -138,11 +140,11 @@ def extract_features(
     from tqdm import tqdm
 
     from hubert_pipeline.audio import AudioSource, load_audio
-    from hubert_pipeline.features import mfcc
+    from hubert_pipeline.features import mfcc as mfcc_of
 
     device = str(resolve_device(device))
     layers = layer_names(model, max_layers)
-    features: dict[str, dict[str, torch.Tensor]] = {name: {} for name in ["mfcc", *layers]}
+    features: dict[str, dict[str, torch.Tensor]] = {name: {} for name in (["mfcc"] if mfcc else []) + layers}
     was_training = model.training if model is not None else False
     if model is not None:
         model.to(device).eval()
@@ -150,7 +152,8 @@ def extract_features(
         with torch.inference_mode():
             for fileid, path in tqdm(paths.items(), desc="ABX features", unit="file"):
                 waveform = load_audio(AudioSource(str(path), resample=resample, downmix=downmix))  # (T,)
-                features["mfcc"][fileid] = mfcc(waveform).cpu()  # (frames, 39)
+                if mfcc:
+                    features["mfcc"][fileid] = mfcc_of(waveform).cpu()  # (frames, 39)
                 if model is None:
                     continue
                 x = F.layer_norm(waveform, waveform.shape) if normalize else waveform
@@ -242,18 +245,20 @@ def abx_per_layer(
     extensions: Sequence[str] = (".wav",),
     resample: bool = False,
     downmix: bool = False,
+    mfcc: bool = True,
 ) -> Scores:
     """ABX error (%) within and across speakers of the MFCC baseline and of every layer's output of `model`.
 
-    Keys "mfcc", then "layer_1" ... "layer_N" (N = `max_layers` or all; none when `model` is None); values
-    {"within": %, "across": %}. With fewer than 2 speakers in the items, "across" is NaN (a warning says so).
-    `model` may be a path or models:/ URI (loaded after the items are checked). Audio files have one of
-    `extensions`; `resample` / `downmix` read files that are not 16 kHz mono as the other stages do (manifest.*).
+    Keys "mfcc" (not with `mfcc` False), then "layer_1" ... "layer_N" (N = `max_layers` or all; none when `model`
+    is None); values {"within": %, "across": %}. With fewer than 2 speakers in the items, "across" is NaN (a
+    warning says so). `model` may be a path or models:/ URI (loaded after the items are checked). Audio files have
+    one of `extensions`; `resample` / `downmix` read files that are not 16 kHz mono as the other stages do
+    (manifest.*).
     """
     from tqdm import tqdm
 
     labels = read_items(items)
-    for frequency in (MFCC_FREQUENCY, *([MODEL_FREQUENCY] if model is not None else [])):
+    for frequency in (*([MFCC_FREQUENCY] if mfcc else []), *([MODEL_FREQUENCY] if model is not None else [])):
         check_frames(labels, frequency, items)
     paths = find_audio(sorted(labels["#file"].unique().to_list()), audio_root, extensions)
     speakers = labels["speaker"].n_unique()
@@ -266,7 +271,7 @@ def abx_per_layer(
 
         model = HuBERT.from_pretrained(model)
     features = extract_features(model, paths, normalize=normalize, device=device, max_layers=max_layers,
-                                resample=resample, downmix=downmix)  # fmt: skip
+                                resample=resample, downmix=downmix, mfcc=mfcc)  # fmt: skip
     scores: Scores = {}
     for name in tqdm(list(features), desc="ABX scoring", unit="layer"):
         frequency = MFCC_FREQUENCY if name == "mfcc" else MODEL_FREQUENCY

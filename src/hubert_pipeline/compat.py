@@ -294,6 +294,17 @@ def _load_folder(path: Path) -> tuple[dict[str, Tensor], HubertConfig | None]:
     return weights, None
 
 
+def config_of(source: str | Path, *, trust_pickle: bool = False) -> HubertConfig:
+    """The architecture of a checkpoint (any layout, or an MLflow URI): a native folder's config.json alone, without
+    its weights; other layouts are loaded to infer it."""
+    with local_source(source) as path:
+        meta = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        if meta.get("format") == NATIVE_FORMAT:
+            return HubertConfig.from_dict(meta["config"])
+        weights, config = load_state_dict_any(path, trust_pickle=trust_pickle)
+    return config or infer_config(weights)
+
+
 def load_state_dict_any(
     source: str | Path, *, trust_pickle: bool = False
 ) -> tuple[dict[str, Tensor], HubertConfig | None]:

@@ -131,9 +131,10 @@ def untrained_quality(
     `teacher` (iteration2.teacher) is not of the architecture iteration 1 trains (a Base teacher of the Large
     recipe): no control for a model this pipeline did not start."""
     from hubert_pipeline.abx import abx_per_layer
-    from hubert_pipeline.model import HuBERT, HubertConfig
+    from hubert_pipeline.compat import config_of
+    from hubert_pipeline.model import HubertConfig
 
-    if HuBERT.from_pretrained(teacher).config != HubertConfig.preset(params.model.size, **params.model.overrides):
+    if config_of(teacher) != HubertConfig.preset(params.model.size, **params.model.overrides):
         logger.info("%s is not of model.* (iteration 1's architecture): no untrained control", teacher)
         return None
     save_untrained(work / "model", params)
@@ -143,7 +144,7 @@ def untrained_quality(
         quality = layer_quality(model, layer, normalize=normalize, manifests=manifests, work=work / "units",
                                 params=params)  # fmt: skip
     abx = {"model": model, "items": params.data.abx_items, "audio_root": params.data.abx_audio,
-           "normalize": normalize, "device": params.execution.device, "max_layers": layer,
+           "normalize": normalize, "device": params.execution.device, "max_layers": layer, "mfcc": False,
            "extensions": params.manifest.extensions, "resample": params.manifest.resample,
            "downmix": params.manifest.downmix}  # fmt: skip
     scores = run_job(abx_per_layer, abx, execution=params.execution, desc="abx-untrained", gpu=True)
