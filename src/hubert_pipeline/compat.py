@@ -280,11 +280,21 @@ def _load_folder_weights(folder: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
+def _folder_meta(path: Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json; {} for a file or a folder without one."""
+    return json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+
+
+def _native_config(meta: Mapping[str, Any]) -> HubertConfig | None:
+    """The config of our own layout's config.json (`save_native`); None for any other."""
+    return HubertConfig.from_dict(meta["config"]) if meta.get("format") == NATIVE_FORMAT else None
+
+
 def _load_folder(path: Path) -> tuple[dict[str, Tensor], HubertConfig | None]:
     weights = _load_folder_weights(path)
-    meta = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    if meta.get("format") == NATIVE_FORMAT:
-        return weights, HubertConfig.from_dict(meta["config"])
+    meta = _folder_meta(path)
+    if (native := _native_config(meta)) is not None:
+        return weights, native
     if meta.get("model_type") == "hubert":
         return weights, infer_config(weights, **_hf_overrides(meta))
     if "model_type" in meta:
@@ -298,9 +308,8 @@ def config_of(source: str | Path, *, trust_pickle: bool = False) -> HubertConfig
     """The architecture of a checkpoint (any layout, or an MLflow URI): a native folder's config.json alone, without
     its weights; other layouts are loaded to infer it."""
     with local_source(source) as path:
-        meta = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-        if meta.get("format") == NATIVE_FORMAT:
-            return HubertConfig.from_dict(meta["config"])
+        if (native := _native_config(_folder_meta(path))) is not None:
+            return native
         weights, config = load_state_dict_any(path, trust_pickle=trust_pickle)
     return config or infer_config(weights)
 
