@@ -10,8 +10,11 @@ across speakers) of MFCC and of each model's best layer. Written as a DVC metric
 `<row>_<column>` (`it1_best_layer_pnmi`), and the rows compared at equal k once more as one curve per column,
 `units_<column>` (`units_pnmi`, `units_phone_purity`, `units_cluster_purity`, `units_abx_within`,
 `units_abx_across`) at step 0 (MFCC at kmeans.k), 1 and 2 (the best layer of the it1 and it2 model), which
-MLflow's chart view draws against the iteration. Without phone alignments (data.alignments empty) the table
-holds k and ABX only, and the k-means and units made only for PNMI are skipped.
+MLflow's chart view draws against the iteration. Each comparison of the goals also as a gain with its spread:
+`<row>.pnmi_gain_<other>` (it1 over MFCC at k, it1 over its untrained control, it2 over it1: the difference of
+their PNMI) and `..._low`, `..._high`, its 95 % paired bootstrap interval over the valid files
+(`unit_metrics.pnmi_gain`), which the summary prints beside the goals. Without phone alignments (data.alignments
+empty) the table holds k and ABX only, and the k-means and units made only for PNMI are skipped.
 
 Layer by layer (work/layers.json, and MLflow metrics `layers_it1_pnmi`, `layers_it2_pnmi`, ... at x = layer): each
 model's ABX per layer beside the PNMI and purities of the layer whose units the next iteration used (ABX's
@@ -41,6 +44,7 @@ if __name__ == "__main__":
     p.add_argument("model_it2", help="the chosen it2 model folder")
     p.add_argument("work", help="folder for the it2 layer features, centroids and units (an output)")
     p.add_argument("metrics", help="JSON table to write")
+    p.add_argument("--it1-units", required=True, help="outputs/units/it2: the valid units of iteration 1's layer")
     p.add_argument("--validate", nargs=2, required=True, metavar=("IT1", "IT2"), help="metrics/validate_it{1,2}.json")
     p.add_argument("--summary", required=True, help="JSON of the figures that decide an experiment (dvc exp show)")
     args = p.parse_args()
@@ -51,6 +55,8 @@ if __name__ == "__main__":
     from hubert_pipeline.io import write_json
     from hubert_pipeline.layer_quality import (
         QUALITIES,
+        add_gains,
+        gain_units,
         layer_centroids,
         layer_quality,
         layer_rows,
@@ -60,7 +66,7 @@ if __name__ == "__main__":
         untrained_quality,
     )
     from hubert_pipeline.params import load_params
-    from hubert_pipeline.summary import experiment_summary
+    from hubert_pipeline.summary import COLUMNS, experiment_summary
     from hubert_pipeline.tracking import stage_run
 
     params = load_params(args.params)
@@ -111,6 +117,8 @@ if __name__ == "__main__":
         keep = ("source", "k", "pnmi", "phone_purity", "cluster_purity", "within", "across")
         table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
                  for name, row in rows.items()}  # fmt: skip
+        if params.data.alignments:  # PNMI gains between the rows, with their spread over the valid files
+            add_gains(table, gain_units(work, Path(args.it1_units)), alignments, seed=params.kmeans.seed)
         write_json(args.metrics, table)
         chosen_quality = {"it1": it2_units, "it2": it3}
         layers = {it: layer_rows(scores[it], best[it], chosen_quality[it], lambda layer, it=it: other_layer(it, layer))
@@ -120,7 +128,7 @@ if __name__ == "__main__":
             mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in row.items() if isinstance(v, int | float)})
         for step, name in enumerate(EQUAL_K_ROWS):
             mlflow.log_metrics({f"units_{k}": float(v) for k, v in table[name].items()
-                                if k != "k" and isinstance(v, int | float)}, step=step)  # fmt: skip
+                                if k in COLUMNS and k != "k" and isinstance(v, int | float)}, step=step)  # fmt: skip
         for it, by_layer in layers.items():  # PNMI per layer: one curve per iteration, x = layer
             for layer, row in by_layer.items():
                 mlflow.log_metrics({f"layers_{it}_{q}": row[q] for q in QUALITIES if row[q] is not None},

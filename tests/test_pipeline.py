@@ -274,6 +274,14 @@ def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project
     history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "units_pnmi")  # one curve: 0 MFCC, 1, 2
     rows = ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
     assert sorted((m.step, m.value) for m in history) == [(step, table[row]["pnmi"]) for step, row in enumerate(rows)]
+    # each comparison's PNMI gain (the difference of the rows' PNMI) and its bootstrap interval over the valid files
+    for row, other in (("it1_best_layer", "mfcc_at_k"), ("it1_best_layer", "it1_untrained"),
+                       ("it2_best_layer", "it1_best_layer")):  # fmt: skip
+        gain, low, high = (table[row][f"pnmi_gain_{other}{end}"] for end in ("", "_low", "_high"))
+        assert gain == pytest.approx(table[row]["pnmi"] - table[other]["pnmi"], abs=1e-12)
+        assert low < high
+        assert run_.data.metrics[f"{row}_pnmi_gain_{other}_low"] == low
+    assert "units_pnmi_gain_mfcc_at_k" not in run_.data.metrics  # the units_* curves: the table's columns only
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from hubert_pipeline.unit_metrics import frame_labels, joint_counts, quality_from_counts, unit_quality
+from hubert_pipeline.unit_metrics import frame_labels, joint_counts, pnmi_gain, quality_from_counts, unit_quality
 
 
 def test_units_identical_to_phones_give_perfect_scores():
@@ -59,3 +59,59 @@ def test_no_overlap_between_units_and_alignments_is_an_error(tmp_path):
     path.write_text(json.dumps({"fileid": "u", "phones": [[0.0, 0.04, "a"]]}) + "\n")
     with pytest.raises(ValueError, match=r"data\.alignments"):
         unit_quality({"v": np.array([0])}, path)
+
+
+def _corpus(num_files: int, seed: int) -> tuple[dict[str, list[list]], dict[str, np.ndarray]]:
+    """Alignments of `num_files` files of 5 phones x 40 ms each, and units that are each frame's phone."""
+    rng = np.random.default_rng(seed)
+    alignments, phones = {}, {}
+    for i in range(num_files):
+        names = rng.choice(["a", "b", "c", "d", "e", "f"], 5)
+        alignments[f"f{i}"] = [[0.04 * j, 0.04 * (j + 1), str(p)] for j, p in enumerate(names)]
+        phones[f"f{i}"] = np.repeat(np.asarray(["abcdef".index(p) for p in names]), 2)  # 2 units (50 Hz) a phone
+    return alignments, phones
+
+
+def test_pnmi_gain_is_the_difference_of_the_two_pnmis_over_the_shared_files(tmp_path):
+    alignments, phones = _corpus(40, seed=0)
+    rng = np.random.default_rng(1)
+    noisy = {f: np.where(rng.random(len(u)) < 0.3, rng.integers(0, 6, len(u)), u) for f, u in phones.items()}
+    noisier = {f: np.where(rng.random(len(u)) < 0.6, rng.integers(0, 6, len(u)), u) for f, u in phones.items()}
+    del noisier["f0"]  # only the files both systems have are compared
+    path = tmp_path / "valid.jsonl"
+    path.write_text("".join(json.dumps({"fileid": f, "phones": p}) + "\n" for f, p in alignments.items()))
+    shared = {f: u for f, u in noisy.items() if f != "f0"}
+    gain = pnmi_gain(noisy, noisier, alignments)
+    expected = unit_quality(shared, path)["pnmi"] - unit_quality(noisier, path)["pnmi"]
+    assert gain["gain"] == pytest.approx(expected, abs=1e-12)
+    assert gain["num_files"] == 39
+    assert 0 < gain["low"] < gain["gain"] < gain["high"]  # 30 % against 60 % of random units: clearly better
+
+
+def test_pnmi_gain_of_a_system_over_itself_is_zero_and_of_equal_systems_spans_zero():
+    alignments, phones = _corpus(40, seed=0)
+    assert pnmi_gain(phones, phones, alignments) == {"gain": 0.0, "low": 0.0, "high": 0.0, "num_files": 40}
+    rng = np.random.default_rng(2)
+    draws = [{f: np.where(rng.random(len(u)) < 0.5, rng.integers(0, 6, len(u)), u) for f, u in phones.items()}
+             for _ in range(2)]  # fmt: skip
+    gain = pnmi_gain(draws[0], draws[1], alignments)  # two draws of the same noise: no real difference
+    assert gain["low"] < 0 < gain["high"]
+    assert gain == pnmi_gain(draws[0], draws[1], alignments)  # the seed fixes the resampling
+    assert gain["low"] != pnmi_gain(draws[0], draws[1], alignments, seed=1)["low"]
+
+
+def test_pnmi_gain_interval_narrows_with_more_files():
+    widths = []
+    for num_files in (20, 320):
+        alignments, phones = _corpus(num_files, seed=3)
+        rng = np.random.default_rng(4)
+        noisy = {f: np.where(rng.random(len(u)) < 0.4, rng.integers(0, 6, len(u)), u) for f, u in phones.items()}
+        gain = pnmi_gain(phones, noisy, alignments, resamples=300)
+        widths.append(gain["high"] - gain["low"])
+    assert widths[1] < widths[0] / 2  # about 1 / sqrt(16) of it
+
+
+def test_pnmi_gain_refuses_systems_without_a_shared_file():
+    alignments, phones = _corpus(4, seed=0)
+    with pytest.raises(ValueError, match="share no aligned file"):
+        pnmi_gain({"f0": phones["f0"]}, {"f1": phones["f1"]}, alignments)

@@ -19,7 +19,7 @@ from hubert_pipeline.kmeans import fit_kmeans, save_centroids
 from hubert_pipeline.launch import run_job
 from hubert_pipeline.layer_features import extract_layer_features
 from hubert_pipeline.params import Params
-from hubert_pipeline.unit_metrics import unit_quality
+from hubert_pipeline.unit_metrics import pnmi_gain, read_alignments, unit_quality
 from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
 QUALITIES = ("pnmi", "phone_purity", "cluster_purity")
@@ -65,6 +65,28 @@ def layer_valid_units(
 def score(units: Path, alignments: Path) -> dict[str, float]:
     """PNMI, phone purity and cluster purity of a units file against the alignments of its split."""
     return unit_quality(read_units(units), alignments)
+
+
+GAINS = (("it1_best_layer", "mfcc_at_k"), ("it1_best_layer", "it1_untrained"), ("it2_best_layer", "it1_best_layer"))
+
+
+def gain_units(work: Path, it1_units: Path) -> dict[str, Path]:
+    """The valid units file of each row of the unit-quality table: `work` is the unit_quality stage's folder,
+    `it1_units` units_it2's (the units of iteration 1's layer)."""
+    return {"mfcc_at_k": work / "mfcc_valid.jsonl", "it1_untrained": work / "untrained" / "units" / "valid.jsonl",
+            "it1_best_layer": it1_units / "valid.jsonl", "it2_best_layer": work / "valid.jsonl"}  # fmt: skip
+
+
+def add_gains(table: dict[str, dict[str, Any]], units: dict[str, Path], alignments: Path, *, seed: int) -> None:
+    """Adds to the unit-quality `table` each row's PNMI gain over the row it is compared with (GAINS), and the gain's
+    95 % paired bootstrap interval over the valid files (`unit_metrics.pnmi_gain`): `<row>.pnmi_gain_<other>`,
+    `..._low`, `..._high`. `units`: each row's valid units file; rows not in the table are skipped."""
+    phones = read_alignments(alignments)
+    for row, other in GAINS:
+        if row in table and other in table:
+            gain = pnmi_gain(read_units(units[row]), read_units(units[other]), phones, seed=seed)
+            name = f"pnmi_gain_{other}"
+            table[row] |= {name: gain["gain"], f"{name}_low": gain["low"], f"{name}_high": gain["high"]}
 
 
 def mfcc_quality(manifests: Path, mfcc: Path, work: Path, params: Params) -> dict[str, float]:

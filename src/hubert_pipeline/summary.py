@@ -102,8 +102,13 @@ def goals(
     if len(pnmi) == 3:  # noqa: PLR2004
         k = table["mfcc_at_k"]["k"]
         it2, it1, mfcc = pnmi["it2_best_layer"], pnmi["it1_best_layer"], pnmi["mfcc_at_k"]
-        out.append(Goal(f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC", it2 > it1 > mfcc,
-                        f"it2 {it2:.4f}, it1 {it1:.4f}, MFCC {mfcc:.4f}"))  # fmt: skip
+        figures = f"it2 {it2:.4f}, it1 {it1:.4f}, MFCC {mfcc:.4f}"
+        gains = [gain for row, other, name in (("it2_best_layer", "it1_best_layer", "it2 - it1"),
+                                               ("it1_best_layer", "mfcc_at_k", "it1 - MFCC"))
+                 if (gain := gain_text(table[row], other, name))]  # fmt: skip
+        if gains:
+            figures += f"; {', '.join(gains)} ({GAIN_LEGEND})"
+        out.append(Goal(f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC", it2 > it1 > mfcc, figures))
         best = {it: best_layer_pnmi(layers, it) for it in ("it1", "it2")}
         if None not in best.values():  # every layer scored: the layers of the best units, whichever ABX chose
             b2, b1 = best["it2"], best["it1"]
@@ -125,6 +130,18 @@ def goals(
     return out
 
 
+GAIN_LEGEND = "95 % bootstrap intervals over the valid files; one across 0: level on this split"
+
+
+def gain_text(row: dict[str, Any], other: str, name: str) -> str | None:
+    """`name +0.0027 [-0.0020, +0.0052]`: a row's PNMI gain over the row `other` and its interval; None where the
+    table has none (tables written before the gains, or without alignments)."""
+    key = f"pnmi_gain_{other}"
+    if row.get(key) is None:
+        return None
+    return f"{name} {row[key]:+.4f} [{row[key + '_low']:+.4f}, {row[key + '_high']:+.4f}]"
+
+
 def untrained_goal(table: dict[str, dict[str, Any]]) -> Goal | None:
     """Training added to iteration 1's layer: its units (PNMI, where measured) and ABX across speakers better than
     the same layer's with iteration 1's initial weights (the untrained control row); None without that row."""
@@ -134,7 +151,8 @@ def untrained_goal(table: dict[str, dict[str, Any]]) -> Goal | None:
     better, figures = trained["abx_across"] < start["abx_across"], []
     if None not in (trained["pnmi"], start["pnmi"]):
         better = better and trained["pnmi"] > start["pnmi"]
-        figures.append(f"PNMI {trained['pnmi']:.4f} against {start['pnmi']:.4f}")
+        gain = gain_text(trained, "it1_untrained", "gain")
+        figures.append(f"PNMI {trained['pnmi']:.4f} against {start['pnmi']:.4f}" + (f", {gain}" if gain else ""))
     figures.append(f"ABX across {trained['abx_across']:.2f} % against {start['abx_across']:.2f} %")
     return Goal("it1 best layer better than the same layer untrained", better, ", ".join(figures))
 
