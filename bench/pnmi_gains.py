@@ -1,11 +1,11 @@
-"""PNMI gains between the unit-quality table's rows, with their 95 % bootstrap interval over the valid files, for
+"""PNMI gains between the unit-quality table's rows, with their 95 % jackknife interval over the valid files, for
 the workspace or DVC experiments, also those whose table was written before the unit_quality stage added them.
 
     uv run python bench/pnmi_gains.py                       # the workspace's last `dvc repro`
     uv run python bench/pnmi_gains.py --rev ctl-s1 ctl-s2   # DVC experiments (their outputs from the DVC cache)
 
 Reads each run's metrics/unit_quality.json, its rows' valid units (outputs/unit_quality, outputs/units/it2), the
-valid alignments (data.alignments) and kmeans.seed, and adds the gains as the stage does
+valid alignments (data.alignments), and adds the gains as the stage does
 (`hubert_pipeline.layer_quality.add_gains`). Prints one Markdown line per run: PNMI at kmeans.k of MFCC and of
 iteration 1's and 2's rows, and each gain with its interval.
 """
@@ -40,7 +40,7 @@ def gains_of(rev: str | None) -> dict[str, dict]:
         table = json.loads(fetch(Path("metrics/unit_quality.json"), rev, Path(tmp)).read_text())
         alignments = fetch(Path(params["data"]["alignments"]) / "valid.jsonl", rev, Path(tmp))
         units = {row: fetch(path, rev, Path(tmp)) for row, path in gain_units(WORK, IT1_UNITS).items() if row in table}
-        add_gains(table, units, alignments, seed=params["kmeans"]["seed"])
+        add_gains(table, units, alignments)
     return table
 
 

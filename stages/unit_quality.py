@@ -12,7 +12,7 @@ across speakers) of MFCC and of each model's best layer. Written as a DVC metric
 `units_abx_across`) at step 0 (MFCC at kmeans.k), 1 and 2 (the best layer of the it1 and it2 model), which
 MLflow's chart view draws against the iteration. Each comparison of the goals also as a gain with its spread:
 `<row>.pnmi_gain_<other>` (it1 over MFCC at k, it1 over its untrained control, it2 over it1: the difference of
-their PNMI) and `..._low`, `..._high`, its 95 % paired bootstrap interval over the valid files
+their PNMI, less the bias the delete-one-file jackknife estimates) and `..._low`, `..._high`, its 95 % interval
 (`unit_metrics.pnmi_gain`), which the summary prints beside the goals. Without phone alignments (data.alignments
 empty) the table holds k and ABX only, and the k-means and units made only for PNMI are skipped.
 
@@ -118,7 +118,7 @@ if __name__ == "__main__":
         table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
                  for name, row in rows.items()}  # fmt: skip
         if params.data.alignments:  # PNMI gains between the rows, with their spread over the valid files
-            add_gains(table, gain_units(work, Path(args.it1_units)), alignments, seed=params.kmeans.seed)
+            add_gains(table, gain_units(work, Path(args.it1_units)), alignments)
         write_json(args.metrics, table)
         chosen_quality = {"it1": it2_units, "it2": it3}
         layers = {it: layer_rows(scores[it], best[it], chosen_quality[it], lambda layer, it=it: other_layer(it, layer))

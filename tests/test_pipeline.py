@@ -239,7 +239,10 @@ def test_abx_per_layer_is_a_metric_and_a_png_and_feeds_iteration_two(project):
 
 @pytest.mark.slow
 def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project):
+    from hubert_pipeline.layer_quality import gain_units
     from hubert_pipeline.model import HuBERT
+    from hubert_pipeline.unit_metrics import pnmi_gain, read_alignments
+    from hubert_pipeline.units import read_units
 
     table = json.loads((project / "metrics" / "unit_quality.json").read_text())
     assert sorted(table) == ["it1_best_layer", "it1_untrained", "it2_best_layer", "mfcc", "mfcc_at_k"]
@@ -274,12 +277,16 @@ def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project
     history = mlflow.MlflowClient().get_metric_history(run_.info.run_id, "units_pnmi")  # one curve: 0 MFCC, 1, 2
     rows = ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
     assert sorted((m.step, m.value) for m in history) == [(step, table[row]["pnmi"]) for step, row in enumerate(rows)]
-    # each comparison's PNMI gain (the difference of the rows' PNMI) and its bootstrap interval over the valid files
+    # each comparison's PNMI gain (the rows' PNMI difference, bias-corrected) and its jackknife interval
+    alignments = read_alignments(project / "data" / "demo" / "alignments" / "valid.jsonl")
+    units = gain_units(project / "outputs" / "unit_quality", project / "outputs" / "units" / "it2")
     for row, other in (("it1_best_layer", "mfcc_at_k"), ("it1_best_layer", "it1_untrained"),
                        ("it2_best_layer", "it1_best_layer")):  # fmt: skip
         gain, low, high = (table[row][f"pnmi_gain_{other}{end}"] for end in ("", "_low", "_high"))
-        assert gain == pytest.approx(table[row]["pnmi"] - table[other]["pnmi"], abs=1e-12)
-        assert low < high
+        scored = pnmi_gain(read_units(units[row]), read_units(units[other]), alignments)  # of the units the rows score
+        assert scored["plug_in"] == pytest.approx(table[row]["pnmi"] - table[other]["pnmi"], abs=1e-12)
+        assert (gain, low, high) == (scored["gain"], scored["low"], scored["high"])
+        assert low < gain < high
         assert run_.data.metrics[f"{row}_pnmi_gain_{other}_low"] == low
     assert "units_pnmi_gain_mfcc_at_k" not in run_.data.metrics  # the units_* curves: the table's columns only
 

@@ -77,14 +77,15 @@ def gain_units(work: Path, it1_units: Path) -> dict[str, Path]:
             "it1_best_layer": it1_units / "valid.jsonl", "it2_best_layer": work / "valid.jsonl"}  # fmt: skip
 
 
-def add_gains(table: dict[str, dict[str, Any]], units: dict[str, Path], alignments: Path, *, seed: int) -> None:
-    """Adds to the unit-quality `table` each row's PNMI gain over the row it is compared with (GAINS), and the gain's
-    95 % paired bootstrap interval over the valid files (`unit_metrics.pnmi_gain`): `<row>.pnmi_gain_<other>`,
-    `..._low`, `..._high`. `units`: each row's valid units file; rows not in the table are skipped."""
+def add_gains(table: dict[str, dict[str, Any]], units: dict[str, Path], alignments: Path) -> None:
+    """Adds to the unit-quality `table` each row's PNMI gain over the row it is compared with (GAINS): the
+    jackknife's bias-corrected gain over the valid files and its 95 % interval (`unit_metrics.pnmi_gain`),
+    `<row>.pnmi_gain_<other>`, `..._low`, `..._high`. `units`: each row's valid units file; rows not in the table
+    are skipped."""
     phones = read_alignments(alignments)
     for row, other in GAINS:
         if row in table and other in table:
-            gain = pnmi_gain(read_units(units[row]), read_units(units[other]), phones, seed=seed)
+            gain = pnmi_gain(read_units(units[row]), read_units(units[other]), phones)
             name = f"pnmi_gain_{other}"
             table[row] |= {name: gain["gain"], f"{name}_low": gain["low"], f"{name}_high": gain["high"]}
 

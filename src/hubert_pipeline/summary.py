@@ -130,7 +130,7 @@ def goals(
     return out
 
 
-GAIN_LEGEND = "95 % bootstrap intervals over the valid files; one across 0: level on this split"
+GAIN_LEGEND = "gains bias-corrected, 95 % intervals, by the jackknife over the valid files; one across 0: level"
 
 
 def gain_text(row: dict[str, Any], other: str, name: str) -> str | None:
