@@ -52,6 +52,32 @@ def _aligned_frames(
     return frames
 
 
+class _FileCounts(NamedTuple):
+    """One unit system's (phones x units) frame counts over a list of files, and each file's share of them."""
+
+    total: np.ndarray
+    files: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per file: its cells (phone, unit) and their counts
+
+    def without(self, i: int) -> np.ndarray:
+        """The counts of every file but the `i`-th."""
+        counts = self.total.copy()
+        phones, units, n = self.files[i]
+        counts[phones, units] -= n
+        return counts
+
+
+def _file_counts(frames: dict[str, tuple[np.ndarray, np.ndarray]], files: list[str], num_phones: int) -> _FileCounts:
+    num_units = int(max(frames[f][1].max() for f in files)) + 1
+    total = np.zeros((num_phones, num_units), dtype=np.int64)
+    shares = []
+    for f in files:
+        cells, n = np.unique(frames[f][0] * num_units + frames[f][1], return_counts=True)
+        phones, units = np.divmod(cells, num_units)
+        total[phones, units] += n
+        shares.append((phones, units, n))
+    return _FileCounts(total, shares)
+
+
 def joint_counts(
     units: dict[str, np.ndarray],
     alignments: dict[str, list[list]],
@@ -61,11 +87,7 @@ def joint_counts(
     """(phones x units) frame counts over the files in both, the phone names, and the number of files used."""
     phone_names: dict[str, int] = {}
     frames = _aligned_frames(units, alignments, phone_names, unit_rate=unit_rate)
-    y = np.concatenate([y for y, _ in frames.values()])
-    z = np.concatenate([z for _, z in frames.values()])
-    counts = np.zeros((len(phone_names), int(z.max()) + 1), dtype=np.int64)
-    np.add.at(counts, (y, z), 1)
-    return counts, list(phone_names), len(frames)
+    return _file_counts(frames, list(frames), len(phone_names)).total, list(phone_names), len(frames)
 
 
 def quality_from_counts(counts: np.ndarray) -> dict[str, float]:
@@ -94,42 +116,17 @@ def unit_quality(
     }
 
 
-class _FileCounts(NamedTuple):
-    """One unit system's (phones x units) frame counts over a list of files, and each file's share of them."""
-
-    total: np.ndarray
-    files: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per file: its cells (phone, unit) and their counts
-
-    def without(self, i: int) -> np.ndarray:
-        """The counts of every file but the `i`-th."""
-        counts = self.total.copy()
-        phones, units, n = self.files[i]
-        counts[phones, units] -= n
-        return counts
-
-
-def _file_counts(frames: dict[str, tuple[np.ndarray, np.ndarray]], files: list[str], num_phones: int) -> _FileCounts:
-    num_units = int(max(frames[f][1].max() for f in files)) + 1
-    total = np.zeros((num_phones, num_units), dtype=np.int64)
-    shares = []
-    for f in files:
-        cells, n = np.unique(frames[f][0] * num_units + frames[f][1], return_counts=True)
-        phones, units = np.divmod(cells, num_units)
-        total[phones, units] += n
-        shares.append((phones, units, n))
-    return _FileCounts(total, shares)
-
-
 def pnmi_gain(
     units: dict[str, np.ndarray], baseline: dict[str, np.ndarray], alignments: dict[str, list[list]], *,
     unit_rate: float = 50.0,
 ) -> dict[str, float]:  # fmt: skip
-    """PNMI of `units` minus PNMI of `baseline` over the files both have, with its standard error and 95 % interval
-    (gain +- 1.96 se) by the delete-one-file jackknife: the gain recomputed without each file in turn, both
-    systems without the same file. The interval says how much of the difference the choice of evaluation files
-    alone makes: one excluding 0 is no tie on this split (it says nothing of the spread between training seeds).
-    A jackknife, not a bootstrap: PNMI's plug-in estimate rises with the duplicated files of a bootstrap draw, by
-    more for the system of more used units, which moves every draw's gain off the estimate."""
+    """PNMI of `units` minus PNMI of `baseline` over the files both have (`plug_in`), and by the delete-one-file
+    jackknife (the difference recomputed without each file in turn, both systems without the same file) the
+    bias-corrected gain (`gain`: plug-in PNMI of many units on few frames is too high, the more for units spread
+    wider), its standard error and 95 % interval (gain +- 1.96 se). The interval says how much of the difference
+    the choice of evaluation files alone makes: one excluding 0 is no tie on this split (it says nothing of the
+    spread between training seeds). A jackknife, not a bootstrap: the duplicated files of a bootstrap draw inflate
+    PNMI further, by more for the system of wider-spread units, which moves every draw's gain off the estimate."""
     phone_names: dict[str, int] = {}
     a = _aligned_frames(units, alignments, phone_names, unit_rate=unit_rate)
     b = _aligned_frames(baseline, alignments, phone_names, unit_rate=unit_rate)
