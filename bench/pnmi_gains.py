@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from hubert_pipeline.layer_quality import GAINS, add_gains, gain_units
+from hubert_pipeline.layer_quality import add_gains, gain_units
+from hubert_pipeline.summary import GAINS, SHORT, gain_text
 
 WORK, IT1_UNITS = Path("outputs/unit_quality"), Path("outputs/units/it2")
 
@@ -46,12 +47,7 @@ def gains_of(rev: str | None) -> dict[str, dict]:
 
 def line(name: str, table: dict[str, dict]) -> str:
     cells = [name] + [f"{table[row]['pnmi']:.4f}" for row in ("mfcc_at_k", "it1_best_layer", "it2_best_layer")]
-    for row, other in GAINS:
-        key = f"pnmi_gain_{other}"
-        if key in table.get(row, {}):
-            cells.append(f"{table[row][key]:+.4f} [{table[row][key + '_low']:+.4f}, {table[row][key + '_high']:+.4f}]")
-        else:
-            cells.append("")
+    cells += [gain_text(table.get(row, {}), other) or "" for row, other in GAINS]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -61,7 +57,7 @@ def main() -> None:
         "--rev", nargs="+", default=[None], help="DVC experiments or git revisions (default: the workspace)"
     )
     args = parser.parse_args()
-    header = ["run", "MFCC", "it1", "it2"] + [f"{row} - {other}" for row, other in GAINS]
+    header = ["run", "MFCC", "it1", "it2"] + [f"{SHORT[row]} - {SHORT[other]}" for row, other in GAINS]
     print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for rev in args.rev:
         print(line(rev or "workspace", gains_of(rev)), flush=True)

@@ -19,6 +19,7 @@ from hubert_pipeline.kmeans import fit_kmeans, save_centroids
 from hubert_pipeline.launch import run_job
 from hubert_pipeline.layer_features import extract_layer_features
 from hubert_pipeline.params import Params
+from hubert_pipeline.summary import GAINS
 from hubert_pipeline.unit_metrics import pnmi_gain, read_alignments, unit_quality
 from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
@@ -65,9 +66,6 @@ def layer_valid_units(
 def score(units: Path, alignments: Path) -> dict[str, float]:
     """PNMI, phone purity and cluster purity of a units file against the alignments of its split."""
     return unit_quality(read_units(units), alignments)
-
-
-GAINS = (("it1_best_layer", "mfcc_at_k"), ("it1_best_layer", "it1_untrained"), ("it2_best_layer", "it1_best_layer"))
 
 
 def gain_units(work: Path, it1_units: Path) -> dict[str, Path]:

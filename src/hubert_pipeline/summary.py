@@ -23,6 +23,9 @@ ROWS = (("mfcc", "MFCC"), ("mfcc_at_k", "MFCC"), ("it1_untrained", None), ("it1_
         ("it2_best_layer", None))  # fmt: skip
 COLUMNS = ("k", "pnmi", "phone_purity", "cluster_purity", "abx_within", "abx_across")
 HEADER = ("units", "k", "PNMI", "phone purity", "cluster purity", "ABX within %", "ABX across %")
+# The PNMI gains the unit_quality stage writes (row, the row it is compared with), and the rows' short names
+GAINS = (("it1_best_layer", "mfcc_at_k"), ("it1_best_layer", "it1_untrained"), ("it2_best_layer", "it1_best_layer"))
+SHORT = {"mfcc_at_k": "MFCC", "it1_untrained": "untrained", "it1_best_layer": "it1", "it2_best_layer": "it2"}
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -103,9 +106,8 @@ def goals(
         k = table["mfcc_at_k"]["k"]
         it2, it1, mfcc = pnmi["it2_best_layer"], pnmi["it1_best_layer"], pnmi["mfcc_at_k"]
         figures = f"it2 {it2:.4f}, it1 {it1:.4f}, MFCC {mfcc:.4f}"
-        gains = [gain for row, other, name in (("it2_best_layer", "it1_best_layer", "it2 - it1"),
-                                               ("it1_best_layer", "mfcc_at_k", "it1 - MFCC"))
-                 if (gain := gain_text(table[row], other, name))]  # fmt: skip
+        gains = [gain for row, other in reversed(GAINS) if other != "it1_untrained"  # it2 - it1, it1 - MFCC
+                 if (gain := gain_text(table[row], other, f"{SHORT[row]} - {SHORT[other]}"))]  # fmt: skip
         if gains:
             figures += f"; {', '.join(gains)} ({GAIN_LEGEND})"
         out.append(Goal(f"PNMI at k={k}: it2 best layer > it1 best layer > MFCC", it2 > it1 > mfcc, figures))
@@ -133,13 +135,13 @@ def goals(
 GAIN_LEGEND = "gains bias-corrected, 95 % intervals, by the jackknife over the valid files; one across 0: level"
 
 
-def gain_text(row: dict[str, Any], other: str, name: str) -> str | None:
-    """`name +0.0027 [-0.0020, +0.0052]`: a row's PNMI gain over the row `other` and its interval; None where the
-    table has none (tables written before the gains, or without alignments)."""
+def gain_text(row: dict[str, Any], other: str, name: str = "") -> str | None:
+    """`name +0.0027 [-0.0020, +0.0052]`: a row's PNMI gain over the row `other` and its interval (without a name:
+    the figures only); None where the table has none (tables written before the gains, or without alignments)."""
     key = f"pnmi_gain_{other}"
     if row.get(key) is None:
         return None
-    return f"{name} {row[key]:+.4f} [{row[key + '_low']:+.4f}, {row[key + '_high']:+.4f}]"
+    return f"{name} {row[key]:+.4f} [{row[key + '_low']:+.4f}, {row[key + '_high']:+.4f}]".lstrip()
 
 
 def untrained_goal(table: dict[str, dict[str, Any]]) -> Goal | None:
