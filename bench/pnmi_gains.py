@@ -5,9 +5,9 @@ the workspace or DVC experiments, also those whose table was written before the 
     uv run python bench/pnmi_gains.py --rev ctl-s1 ctl-s2   # DVC experiments (their outputs from the DVC cache)
 
 Reads each run's metrics/unit_quality.json, its rows' valid units (outputs/unit_quality, outputs/units/it2), the
-valid alignments (data.alignments), and adds the gains as the stage does
-(`hubert_pipeline.layer_quality.add_gains`). Prints one Markdown line per run: PNMI at kmeans.k of MFCC and of
-iteration 1's and 2's rows, and each gain with its interval.
+valid alignments (data.alignments), and adds the bias-corrected PNMI and the gains as the stage does
+(`hubert_pipeline.layer_quality.add_jackknife`). Prints one Markdown line per run: PNMI at kmeans.k of MFCC and of
+iteration 1's and 2's rows, plug-in (the table's) / bias-corrected, and each gain with its interval.
 """
 
 import argparse
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from hubert_pipeline.layer_quality import add_gains, gain_units
+from hubert_pipeline.layer_quality import add_jackknife, gain_units
 from hubert_pipeline.summary import GAINS, SHORT, gain_text
 
 WORK, IT1_UNITS = Path("outputs/unit_quality"), Path("outputs/units/it2")
@@ -41,12 +41,13 @@ def gains_of(rev: str | None) -> dict[str, dict]:
         table = json.loads(fetch(Path("metrics/unit_quality.json"), rev, Path(tmp)).read_text())
         alignments = fetch(Path(params["data"]["alignments"]) / "valid.jsonl", rev, Path(tmp))
         units = {row: fetch(path, rev, Path(tmp)) for row, path in gain_units(WORK, IT1_UNITS).items() if row in table}
-        add_gains(table, units, alignments)
+        add_jackknife(table, units, alignments)
     return table
 
 
 def line(name: str, table: dict[str, dict]) -> str:
-    cells = [name] + [f"{table[row]['pnmi']:.4f}" for row in ("mfcc_at_k", "it1_best_layer", "it2_best_layer")]
+    rows = ("mfcc_at_k", "it1_best_layer", "it2_best_layer")
+    cells = [name] + [f"{table[row]['pnmi']:.4f} / {table[row]['pnmi_corrected']:.4f}" for row in rows]
     cells += [gain_text(table.get(row, {}), other) or "" for row, other in GAINS]
     return "| " + " | ".join(cells) + " |"
 

@@ -55,7 +55,7 @@ if __name__ == "__main__":
     from hubert_pipeline.io import write_json
     from hubert_pipeline.layer_quality import (
         QUALITIES,
-        add_gains,
+        add_jackknife,
         gain_units,
         layer_centroids,
         layer_quality,
@@ -117,8 +117,8 @@ if __name__ == "__main__":
         keep = ("source", "k", "pnmi", "phone_purity", "cluster_purity", "within", "across")
         table = {name: {("abx_" + key if key in ("within", "across") else key): row.get(key) for key in keep}
                  for name, row in rows.items()}  # fmt: skip
-        if params.data.alignments:  # PNMI gains between the rows, with their spread over the valid files
-            add_gains(table, gain_units(work, Path(args.it1_units)), alignments)
+        if params.data.alignments:  # bias-corrected PNMI, gains between the rows with their spread
+            add_jackknife(table, gain_units(work, Path(args.it1_units)), alignments)
         write_json(args.metrics, table)
         chosen_quality = {"it1": it2_units, "it2": it3}
         layers = {it: layer_rows(scores[it], best[it], chosen_quality[it], lambda layer, it=it: other_layer(it, layer))

@@ -241,7 +241,7 @@ def test_abx_per_layer_is_a_metric_and_a_png_and_feeds_iteration_two(project):
 def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project):
     from hubert_pipeline.layer_quality import gain_units
     from hubert_pipeline.model import HuBERT
-    from hubert_pipeline.unit_metrics import pnmi_gain, read_alignments
+    from hubert_pipeline.unit_metrics import pnmi_corrected, pnmi_gain, read_alignments
     from hubert_pipeline.units import read_units
 
     table = json.loads((project / "metrics" / "unit_quality.json").read_text())
@@ -289,6 +289,10 @@ def test_unit_quality_table_compares_mfcc_and_both_iterations_beside_abx(project
         assert low < gain < high
         assert run_.data.metrics[f"{row}_pnmi_gain_{other}_low"] == low
     assert "units_pnmi_gain_mfcc_at_k" not in run_.data.metrics  # the units_* curves: the table's columns only
+    for row, path in units.items():  # each row's PNMI corrected for its small-sample bias, of the row's own units
+        assert table[row]["pnmi_corrected"] == pnmi_corrected(read_units(path), alignments)["pnmi"]
+        assert table[row]["pnmi_corrected"] < table[row]["pnmi"]  # 30 units on the tiny valid split: too high
+    assert "pnmi_corrected" not in table["mfcc"]  # k_it1's units: no row of equal k to compare with
 
 
 @pytest.mark.slow
@@ -342,6 +346,11 @@ def test_the_summary_shows_the_unit_table_each_iterations_best_and_the_mlflow_co
     assert "PNMI at k=30: it2 best layer > it1 best layer > MFCC" in text
     assert "Every layer at k=30" in text  # unit_quality.every_layer
     assert "PNMI at k=30, each model's layer of the highest PNMI: it2 > it1 > MFCC" in text
+    corrected = (
+        f"MFCC {table['mfcc_at_k']['pnmi_corrected']:.4f}, untrained {table['it1_untrained']['pnmi_corrected']:.4f}"
+    )
+    assert "PNMI at k=30 bias-corrected by the jackknife over the valid files" in text
+    assert corrected in text
     assert f"sqlite:///{project.resolve()}/mlruns/mlflow.db" in text
 
 

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from hubert_pipeline.layer_quality import layer_rows
-from hubert_pipeline.summary import experiment_summary, goals, layer_table, summary, unit_table
+from hubert_pipeline.summary import corrected_line, experiment_summary, goals, layer_table, summary, unit_table
 
 
 def test_summary_takes_each_iterations_best_layer_units_and_its_chosen_checkpoint():
@@ -141,6 +141,12 @@ def test_the_pnmi_goals_show_each_gain_with_its_interval_over_the_valid_files():
     control = "PNMI 0.6269 against 0.5847, gain +0.0457 [+0.0384, +0.0530], ABX across 17.00 % against 18.07 %"
     assert verdicts["it1 best layer better than the same layer untrained"] == (True, control)
     assert "pnmi_gain_mfcc_at_k" not in unit_table(table)  # the table's columns stay the README's
+    assert corrected_line(table) is None  # a table written before the bias-corrected PNMI
+    for key, value in (("mfcc_at_k", 0.5737), ("it1_untrained", 0.5294), ("it1_best_layer", 0.5751)):
+        table[key]["pnmi_corrected"] = value
+    assert corrected_line(table) == (
+        "PNMI at k=500 bias-corrected by the jackknife over the valid files (the table's plug-in PNMI, fairseq's, is "
+        "too high on a small split): MFCC 0.5737, untrained 0.5294, it1 0.5751")  # fmt: skip
 
 
 def _write_results(root, pnmi: float, layer: int) -> None:

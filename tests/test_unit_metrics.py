@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from hubert_pipeline.unit_metrics import frame_labels, joint_counts, pnmi_gain, quality_from_counts, unit_quality
+from hubert_pipeline.unit_metrics import (
+    frame_labels,
+    joint_counts,
+    pnmi_corrected,
+    pnmi_gain,
+    quality_from_counts,
+    unit_quality,
+)
 
 
 def test_units_identical_to_phones_give_perfect_scores():
@@ -129,6 +136,34 @@ def test_pnmi_gain_on_a_small_split_is_nearer_a_large_splits_than_the_plug_in_di
     corrected, plug_in = (np.mean([g[key] for g in small]) for key in ("gain", "plug_in"))
     assert abs(plug_in - large) > 0.05  # the plug-in difference of a small split is far off
     assert abs(corrected - large) < abs(plug_in - large) / 4
+
+
+def test_bias_corrected_pnmi_is_nearer_a_large_splits_and_its_difference_is_the_gain(tmp_path):
+    """Wide-spread units on a split of the demo's ratio of frames to units: the plug-in PNMI is far above the
+    large-split value, the jackknife's is near it; over the same files the gain is the corrected PNMIs' difference
+    (the jackknife is linear)."""
+
+    def wide(num_files: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, list[list]]]:
+        alignments, phones = _corpus(num_files, seed=seed)
+        rng = np.random.default_rng(seed)
+        return {f: np.where(rng.random(len(u)) < 0.3, rng.integers(0, 200, len(u)), u * 4)
+                for f, u in phones.items()}, alignments  # fmt: skip
+
+    large = pnmi_corrected(*wide(8000, seed=0))
+    assert large["pnmi"] == pytest.approx(large["plug_in"], abs=0.01)  # 160000 frames: little bias
+    small = [pnmi_corrected(*wide(400, seed=seed)) for seed in range(1, 5)]
+    corrected, plug_in = (np.mean([s[key] for s in small]) for key in ("pnmi", "plug_in"))
+    assert plug_in - large["pnmi"] > 0.05  # too high
+    assert abs(corrected - large["pnmi"]) < (plug_in - large["pnmi"]) / 4
+    units, alignments = wide(40, seed=5)
+    path = tmp_path / "valid.jsonl"
+    path.write_text("".join(json.dumps({"fileid": f, "phones": p}) + "\n" for f, p in alignments.items()))
+    assert small[0]["num_files"] == 400
+    assert pnmi_corrected(units, alignments)["plug_in"] == pytest.approx(unit_quality(units, path)["pnmi"], abs=1e-12)
+    _, phones = _corpus(40, seed=5)
+    gain = pnmi_gain(units, phones, alignments)["gain"]
+    difference = pnmi_corrected(units, alignments)["pnmi"] - pnmi_corrected(phones, alignments)["pnmi"]
+    assert gain == pytest.approx(difference, abs=1e-12)
 
 
 def test_pnmi_gain_refuses_systems_without_a_shared_file():

@@ -20,7 +20,7 @@ from hubert_pipeline.launch import run_job
 from hubert_pipeline.layer_features import extract_layer_features
 from hubert_pipeline.params import Params
 from hubert_pipeline.summary import GAINS
-from hubert_pipeline.unit_metrics import pnmi_gain, read_alignments, unit_quality
+from hubert_pipeline.unit_metrics import pnmi_corrected, pnmi_gain, read_alignments, unit_quality
 from hubert_pipeline.units import read_units, stream_units_for_split, units_for_split
 
 QUALITIES = ("pnmi", "phone_purity", "cluster_purity")
@@ -75,15 +75,19 @@ def gain_units(work: Path, it1_units: Path) -> dict[str, Path]:
             "it1_best_layer": it1_units / "valid.jsonl", "it2_best_layer": work / "valid.jsonl"}  # fmt: skip
 
 
-def add_gains(table: dict[str, dict[str, Any]], units: dict[str, Path], alignments: Path) -> None:
-    """Adds to the unit-quality `table` each row's PNMI gain over the row it is compared with (GAINS): the
-    jackknife's bias-corrected gain over the valid files and its 95 % interval (`unit_metrics.pnmi_gain`),
+def add_jackknife(table: dict[str, dict[str, Any]], units: dict[str, Path], alignments: Path) -> None:
+    """Adds to the unit-quality `table`, by the jackknife over the valid files: each row's bias-corrected PNMI
+    (`pnmi_corrected`, `unit_metrics.pnmi_corrected`), and each row's PNMI gain over the row it is compared with
+    (summary.GAINS; `unit_metrics.pnmi_gain`): the bias-corrected gain and its 95 % interval,
     `<row>.pnmi_gain_<other>`, `..._low`, `..._high`. `units`: each row's valid units file; rows not in the table
     are skipped."""
     phones = read_alignments(alignments)
+    rows = {row: read_units(path) for row, path in units.items() if row in table}
+    for row, row_units in rows.items():
+        table[row]["pnmi_corrected"] = pnmi_corrected(row_units, phones)["pnmi"]
     for row, other in GAINS:
-        if row in table and other in table:
-            gain = pnmi_gain(read_units(units[row]), read_units(units[other]), phones)
+        if row in rows and other in rows:
+            gain = pnmi_gain(rows[row], rows[other], phones)
             name = f"pnmi_gain_{other}"
             table[row] |= {name: gain["gain"], f"{name}_low": gain["low"], f"{name}_high": gain["high"]}
 

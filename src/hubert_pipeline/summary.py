@@ -66,6 +66,16 @@ def unit_table(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def corrected_line(table: dict[str, dict[str, Any]]) -> str | None:
+    """The rows' PNMI at kmeans.k corrected for the small-sample bias (the jackknife's), where the table has it."""
+    values = [f"{name} {table[key]['pnmi_corrected']:.4f}" for key, name in SHORT.items()
+              if table.get(key, {}).get("pnmi_corrected") is not None]  # fmt: skip
+    if not values:
+        return None
+    return (f"PNMI at k={table['it1_best_layer']['k']} bias-corrected by the jackknife over the valid files (the "
+            f"table's plug-in PNMI, fairseq's, is too high on a small split): {', '.join(values)}")  # fmt: skip
+
+
 def layer_table(layers: dict[str, Any]) -> str:
     """PNMI and ABX of every layer of both models in Markdown (`*`: the layer whose units the next iteration used:
     ABX's choice, or iteration2.layer where set for iteration 1)."""
@@ -192,6 +202,8 @@ def summary(root: Path, rev: str | None = None) -> str:
     where = f" of {rev}" if rev else ""
     parts = [f"Unit quality{where} (valid split; metrics/unit_quality.json):", ""]
     parts += [unit_table(table), ""] if table else ["(no unit_quality table yet: run `dvc repro`)", ""]
+    if table and (corrected := corrected_line(table)):
+        parts += [corrected, ""]
     if per_layer and per_layer.get("every_layer"):
         legend = "outputs/unit_quality/layers.json; * the layer whose units the next iteration used"
         parts += [f"Every layer at k={per_layer['k']} ({legend}):", ""]

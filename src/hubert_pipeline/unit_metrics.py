@@ -134,14 +134,37 @@ def pnmi_gain(
     if not files:
         raise ValueError("the two unit systems share no aligned file")
     counts = [_file_counts(frames, files, len(phone_names)) for frames in (a, b)]
-
-    def pnmi(c: np.ndarray) -> float:
-        return quality_from_counts(c)["pnmi"]
-
-    plug_in = pnmi(counts[0].total) - pnmi(counts[1].total)
+    plug_in = _pnmi(counts[0].total) - _pnmi(counts[1].total)
     n = len(files)
-    without = np.asarray([pnmi(counts[0].without(i)) - pnmi(counts[1].without(i)) for i in range(n)])
-    gain = n * plug_in - (n - 1) * float(without.mean())  # the jackknife's bias-corrected estimate
-    se = float(np.sqrt((n - 1) / n * ((without - without.mean()) ** 2).sum())) if n > 1 else 0.0
+    without = np.asarray([_pnmi(counts[0].without(i)) - _pnmi(counts[1].without(i)) for i in range(n)])
+    gain, se = _jackknife(plug_in, without)
     return {"gain": gain, "plug_in": plug_in, "low": gain - 1.96 * se, "high": gain + 1.96 * se, "se": se,
             "num_files": n}  # fmt: skip
+
+
+def pnmi_corrected(
+    units: dict[str, np.ndarray], alignments: dict[str, list[list]], *, unit_rate: float = 50.0
+) -> dict[str, float]:
+    """PNMI of `units` corrected for its small-sample bias by the delete-one-file jackknife (`pnmi`), its standard
+    error, and the plug-in value (`plug_in`, unit_quality's and fairseq's). The plug-in PNMI of many units on few
+    frames is too high (the demo's valid split: 24,000 frames for 500 units, about +0.05); the corrected value is
+    what a large split of the same speech would give, and the one to hold against published figures."""
+    phone_names: dict[str, int] = {}
+    frames = _aligned_frames(units, alignments, phone_names, unit_rate=unit_rate)
+    counts = _file_counts(frames, list(frames), len(phone_names))
+    plug_in = _pnmi(counts.total)
+    pnmi, se = _jackknife(plug_in, np.asarray([_pnmi(counts.without(i)) for i in range(len(frames))]))
+    return {"pnmi": pnmi, "plug_in": plug_in, "se": se, "num_files": len(frames)}
+
+
+def _pnmi(counts: np.ndarray) -> float:
+    return quality_from_counts(counts)["pnmi"]
+
+
+def _jackknife(value: float, without: np.ndarray) -> tuple[float, float]:
+    """A statistic's bias-corrected estimate and standard error from its `value` over all n files and its values
+    `without` each file in turn (delete-one jackknife)."""
+    n = len(without)
+    corrected = n * value - (n - 1) * float(without.mean())
+    se = float(np.sqrt((n - 1) / n * ((without - without.mean()) ** 2).sum())) if n > 1 else 0.0
+    return corrected, se
