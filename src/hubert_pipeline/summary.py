@@ -68,12 +68,12 @@ def unit_table(table: dict[str, dict[str, Any]]) -> str:
 
 def corrected_line(table: dict[str, dict[str, Any]]) -> str | None:
     """The rows' PNMI at kmeans.k corrected for the small-sample bias (the jackknife's), where the table has it."""
-    values = [f"{name} {table[key]['pnmi_corrected']:.4f}" for key, name in SHORT.items()
-              if table.get(key, {}).get("pnmi_corrected") is not None]  # fmt: skip
-    if not values:
+    rows = [key for key in SHORT if table.get(key, {}).get("pnmi_corrected") is not None]
+    if not rows:
         return None
-    return (f"PNMI at k={table['it1_best_layer']['k']} bias-corrected by the jackknife over the valid files (the "
-            f"table's plug-in PNMI, fairseq's, is too high on a small split): {', '.join(values)}")  # fmt: skip
+    values = ", ".join(f"{SHORT[key]} {table[key]['pnmi_corrected']:.4f}" for key in rows)
+    return (f"PNMI at k={table[rows[0]]['k']} bias-corrected by the jackknife over the valid files (the table's "
+            f"plug-in PNMI, fairseq's, is too high on a small split): {values}")  # fmt: skip
 
 
 def layer_table(layers: dict[str, Any]) -> str:
