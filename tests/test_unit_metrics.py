@@ -119,20 +119,22 @@ def test_pnmi_gain_interval_narrows_with_more_files():
     assert widths[1] < widths[0] / 2  # about 1 / sqrt(16) of it
 
 
+def _systems(num_files: int, seed: int) -> tuple:
+    """Two unit systems of a corpus and its alignments: 4 units a phone (narrow), and 30 % of frames spread over
+    200 units (wide)."""
+    alignments, phones = _corpus(num_files, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    narrow = {f: u * 4 + rng.integers(0, 4, len(u)) for f, u in phones.items()}
+    wide = {f: np.where(rng.random(len(u)) < 0.3, rng.integers(0, 200, len(u)), u * 4) for f, u in phones.items()}
+    return narrow, wide, alignments
+
+
 def test_pnmi_gain_on_a_small_split_is_nearer_a_large_splits_than_the_plug_in_difference():
     """Many units for few frames inflate plug-in PNMI, the more for units spread wider: the jackknife removes most
     of that from the gain (docs/learning.md, "How large a PNMI difference the valid split can tell")."""
-
-    def systems(num_files: int, seed: int) -> tuple:
-        alignments, phones = _corpus(num_files, seed=seed)
-        rng = np.random.default_rng(seed + 100)
-        narrow = {f: u * 4 + rng.integers(0, 4, len(u)) for f, u in phones.items()}  # 4 units a phone
-        wide = {f: np.where(rng.random(len(u)) < 0.3, rng.integers(0, 200, len(u)), u * 4) for f, u in phones.items()}
-        return narrow, wide, alignments
-
     # the demo's ratio of frames to units (valid: 24000 frames for 500 units, PNMI 0.05 too high by the jackknife)
-    large = pnmi_gain(*systems(8000, seed=0))["gain"]  # 160000 frames: bias-corrected and plug-in agree within 0.004
-    small = [pnmi_gain(*systems(400, seed=seed)) for seed in range(1, 5)]  # 8000 frames each, 40 for a wide unit
+    large = pnmi_gain(*_systems(8000, seed=0))["gain"]  # 160000 frames: bias-corrected and plug-in agree within 0.004
+    small = [pnmi_gain(*_systems(400, seed=seed)) for seed in range(1, 5)]  # 8000 frames each, 40 for a wide unit
     corrected, plug_in = (np.mean([g[key] for g in small]) for key in ("gain", "plug_in"))
     assert abs(plug_in - large) > 0.05  # the plug-in difference of a small split is far off
     assert abs(corrected - large) < abs(plug_in - large) / 4
@@ -142,27 +144,19 @@ def test_bias_corrected_pnmi_is_nearer_a_large_splits_and_its_difference_is_the_
     """Wide-spread units on a split of the demo's ratio of frames to units: the plug-in PNMI is far above the
     large-split value, the jackknife's is near it; over the same files the gain is the corrected PNMIs' difference
     (the jackknife is linear)."""
-
-    def wide(num_files: int, seed: int) -> tuple[dict[str, np.ndarray], dict[str, list[list]]]:
-        alignments, phones = _corpus(num_files, seed=seed)
-        rng = np.random.default_rng(seed)
-        return {f: np.where(rng.random(len(u)) < 0.3, rng.integers(0, 200, len(u)), u * 4)
-                for f, u in phones.items()}, alignments  # fmt: skip
-
-    large = pnmi_corrected(*wide(8000, seed=0))
+    large = pnmi_corrected(*_systems(8000, seed=0)[1:])
     assert large["pnmi"] == pytest.approx(large["plug_in"], abs=0.01)  # 160000 frames: little bias
-    small = [pnmi_corrected(*wide(400, seed=seed)) for seed in range(1, 5)]
+    small = [pnmi_corrected(*_systems(400, seed=seed)[1:]) for seed in range(1, 5)]
     corrected, plug_in = (np.mean([s[key] for s in small]) for key in ("pnmi", "plug_in"))
     assert plug_in - large["pnmi"] > 0.05  # too high
     assert abs(corrected - large["pnmi"]) < (plug_in - large["pnmi"]) / 4
-    units, alignments = wide(40, seed=5)
+    narrow, wide, alignments = _systems(40, seed=5)
     path = tmp_path / "valid.jsonl"
     path.write_text("".join(json.dumps({"fileid": f, "phones": p}) + "\n" for f, p in alignments.items()))
     assert small[0]["num_files"] == 400
-    assert pnmi_corrected(units, alignments)["plug_in"] == pytest.approx(unit_quality(units, path)["pnmi"], abs=1e-12)
-    _, phones = _corpus(40, seed=5)
-    gain = pnmi_gain(units, phones, alignments)["gain"]
-    difference = pnmi_corrected(units, alignments)["pnmi"] - pnmi_corrected(phones, alignments)["pnmi"]
+    assert pnmi_corrected(wide, alignments)["plug_in"] == pytest.approx(unit_quality(wide, path)["pnmi"], abs=1e-12)
+    gain = pnmi_gain(wide, narrow, alignments)["gain"]
+    difference = pnmi_corrected(wide, alignments)["pnmi"] - pnmi_corrected(narrow, alignments)["pnmi"]
     assert gain == pytest.approx(difference, abs=1e-12)
 
 
