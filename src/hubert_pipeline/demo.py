@@ -8,50 +8,43 @@ resampling it to 16 kHz, which changes tempo and pitch together and scales every
     python -m hubert_pipeline.demo data/demo --train-minutes 40 --valid-minutes 4 --abx-minutes 4 --workers 2
 
 writes `wav/{train,valid,abx}/<speaker>/<fileid>.wav`, `alignments/<split>.jsonl`, `abx.item` and `summary.json`.
-The same parameters give byte-identical files, whatever the number of workers.
+The same parameters give byte-identical files, whatever the number of workers. What is read is
+`hubert_pipeline.demo_text`'s (sentences, utterances, one region of the text per split); the recording conditions
+(rooms, noise, level) are `hubert_pipeline.demo_rooms`'s.
 """
 
 import argparse
-import hashlib
 import json
 import logging
 import math
 import random
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import unicodedata
 import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hubert_pipeline import espeak
+from hubert_pipeline.audio import SAMPLE_RATE
+from hubert_pipeline.demo_rooms import file_rng, room_and_noise
+from hubert_pipeline.demo_text import LICENSES, SECONDS_PER_WORD, SPLITS, read_text, regions, sentences, utterances
 from hubert_pipeline.io import atomic_open, atomic_path, write_json
 from hubert_pipeline.params import DemoParams
 
-if TYPE_CHECKING:
-    import numpy as np
-
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
-SPLITS = ("train", "valid", "abx")
 FESTIVAL_VOICES = {"kal": "kal_diphone", "ked": "ked_diphone", "slt": "cmu_us_slt_arctic_hts"}
 VOICES = {**FESTIVAL_VOICES, **espeak.VOICES}  # demo voice -> the synthesizer's voice name
 # relative synthesis time per second of audio: HTS is much slower than diphones, formant synthesis much faster
 VOICE_COST = {"kal": 1.0, "ked": 1.0, "slt": 15.0} | dict.fromkeys(espeak.VOICES, 0.2)
-LICENSES = Path("/usr/share/common-licenses")
 ABX_HEADER = "#file onset offset #phone prev-phone next-phone speaker"
 SILENCE = "pau"
 ABX_MIN_SECONDS = 0.02  # shorter phones may get no 50 Hz frame, and fastabx fails on an item without one
-MIN_WORDS, MAX_WORDS = 3, 30  # shorter sentences are dropped, longer ones cut (30 words ~ 12.5 s at speed 1)
-SECONDS_PER_WORD = 0.42  # Festival's pace at speed 1, pauses included; only used to plan, refined as audio comes in
-UTTERANCE_SECONDS = (2.0, 13.0)  # target length of an utterance at speed 1
 BATCH_JOBS = 40  # utterances per Festival process (startup and voice loading take ~0.2 s)
 MAX_ROUNDS = 50
 
@@ -114,98 +107,6 @@ def speakers_of(params: DemoParams) -> list[Speaker]:
     if len(set(names)) != len(names):
         raise ValueError(f"demo voices x speeds give duplicate speaker names {names}")
     return speakers
-
-
-def read_text(path: str) -> str:
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"demo text file {path} does not exist")
-        return Path(path).read_text(encoding="utf-8")
-    if not LICENSES.is_dir():
-        raise FileNotFoundError(f"{LICENSES} does not exist: set demo.text to a UTF-8 text file")
-    files = sorted(p for p in LICENSES.iterdir() if p.is_file() and not p.is_symlink())  # GPL -> GPL-3 etc.
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
-
-
-def _clean(paragraph: str) -> str:
-    text = unicodedata.normalize("NFKD", paragraph).encode("ascii", "ignore").decode()
-    text = re.sub(r"<[^>]*>|https?://\S+|www\.\S+|\S+@\S+", " ", text)  # URLs, addresses: spelled letter by letter
-    text = re.sub(r"[^A-Za-z0-9.,;:!?'()\- ]", " ", text)
-    return " ".join(text.split())
-
-
-def _pieces(words: list[str]) -> Iterator[list[str]]:
-    """Cut a long sentence into pieces of at most MAX_WORDS words, at clause ends (`,;:`) where possible."""
-    clauses: list[list[str]] = [[]]
-    for word in words:
-        clauses[-1].append(word)
-        if word[-1] in ",;:":
-            clauses.append([])
-    piece: list[str] = []
-    for clause in filter(None, clauses):
-        if piece and len(piece) + len(clause) > MAX_WORDS:
-            yield piece
-            piece = []
-        count = math.ceil((len(piece) + len(clause)) / MAX_WORDS)  # > 1 only for a clause too long on its own
-        for i in range(count - 1):
-            yield clause[i * len(clause) // count : (i + 1) * len(clause) // count]
-        piece += clause[(count - 1) * len(clause) // count :]
-    if piece:
-        yield piece
-
-
-def sentences(text: str) -> list[str]:
-    """Sentences (or pieces of long ones) of MIN_WORDS..MAX_WORDS words, in text order, each kept once."""
-    paragraphs, current = [], []
-    for line in [*text.splitlines(), ""]:
-        visible = line.replace(" ", "").replace("\t", "")
-        if visible and sum(c.isalpha() for c in visible) >= 0.6 * len(visible):
-            current.append(line)
-        elif not visible or current:  # a blank or mostly non-letter line ends the paragraph
-            paragraphs.append(" ".join(current))
-            current = []
-    result, seen = [], set()
-    for paragraph in paragraphs:
-        for sentence in re.split(r"(?<=[.!?;:])\s+(?=[\"'(]?[A-Z0-9])", _clean(paragraph)):
-            words = sentence.split()
-            if len(words) < MIN_WORDS or sum(c.isalpha() for c in sentence) < 2 * len(words):
-                continue
-            for piece in _pieces(words):
-                key = " ".join(piece).lower()
-                if len(piece) >= MIN_WORDS and key not in seen:
-                    seen.add(key)
-                    result.append(" ".join(piece))
-    return result
-
-
-def utterances(sents: list[str], seed: int) -> list[str]:
-    """Group consecutive sentences into utterances of a seeded random target length."""
-    rng = random.Random(f"{seed}-utterances")  # noqa: S311 (reproducible, not cryptographic)
-    result: list[str] = []
-    i = 0
-    while i < len(sents):
-        budget = rng.uniform(*UTTERANCE_SECONDS) / SECONDS_PER_WORD
-        group = [sents[i]]
-        i += 1
-        while i < len(sents) and sum(len(s.split()) for s in [*group, sents[i]]) <= budget:
-            group.append(sents[i])
-            i += 1
-        result.append(" ".join(group))
-    return result
-
-
-def regions(utts: list[str], minutes: dict[str, float]) -> dict[str, list[str]]:
-    """Cut the utterances into consecutive regions, one per split, proportional to its minutes."""
-    active = [s for s in SPLITS if minutes[s] > 0]
-    if len(utts) < len(active):
-        logger.warning("the demo text gives only %d utterances: splits share their sentences", len(utts))
-        return dict.fromkeys(active, utts)
-    total, bounds, acc = sum(minutes[s] for s in active), [0], 0.0
-    for k, split in enumerate(active):  # every region gets at least one utterance
-        acc += minutes[split]
-        end = max(round(len(utts) * acc / total), bounds[-1] + 1)
-        bounds.append(min(end, len(utts) - (len(active) - k - 1)))
-    return {split: utts[bounds[k] : bounds[k + 1]] for k, split in enumerate(active)}
 
 
 def jobs(split: str, region: list[str], speakers: list[Speaker], seed: int) -> Iterator[Job]:
@@ -306,62 +207,6 @@ def _phones(synth: Synthesized) -> list[list[Any]]:
     return phones
 
 
-def _file_rng(seed: int, fileid: str) -> "np.random.Generator":
-    import numpy as np
-
-    digest = hashlib.sha256(f"{seed}/{fileid}".encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def _fft_filter(x: "np.ndarray", response: "np.ndarray") -> "np.ndarray":
-    """Linear convolution of `x` with `response`, cut to the length of `x` (the FFT way)."""
-    import numpy as np
-
-    n = x.size + response.size - 1
-    return np.fft.irfft(np.fft.rfft(x, n) * np.fft.rfft(response, n), n)[: x.size]
-
-
-def room_response(rng: "np.random.Generator", rt60: float) -> "np.ndarray":
-    """A synthetic room: the direct sound at sample 0, then a diffuse tail decaying 60 dB in `rt60` seconds.
-
-    The tail is Gaussian noise under an exponential envelope, starting 2-5 ms after the direct sound, low-passed by a
-    random one-pole filter (walls absorb the highs), with a direct-to-reverberant ratio of 3-15 dB.
-    """
-    import numpy as np
-
-    delay = int(rng.uniform(0.002, 0.005) * SAMPLE_RATE)
-    t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
-    a = rng.uniform(0.2, 0.7)
-    tail = _fft_filter(rng.standard_normal(t.size) * 10 ** (-3 * t / rt60), (1 - a) * a ** np.arange(64))
-    tail *= math.sqrt(10 ** (-rng.uniform(3, 15) / 10) / np.sum(tail**2))
-    return np.concatenate([[1.0], np.zeros(delay - 1), tail])
-
-
-def coloured_noise(rng: "np.random.Generator", n: int) -> "np.ndarray":
-    """Stationary noise of unit power whose spectrum falls as 1 / f**alpha, alpha in [0, 2] (white to brown)."""
-    import numpy as np
-
-    spectrum = np.fft.rfft(rng.standard_normal(n))
-    f = np.maximum(np.fft.rfftfreq(n, 1 / SAMPLE_RATE), 20.0)
-    noise = np.fft.irfft(spectrum * f ** (-rng.uniform(0.0, 2.0) / 2), n)
-    return noise / math.sqrt(np.mean(noise**2))
-
-
-def room_and_noise(x: "np.ndarray", rng: "np.random.Generator", params: DemoParams) -> "np.ndarray":
-    """One recording condition per file: a random room (`room_rt60`), coloured noise at a random SNR
-    (`noise_snr_db`, against the file's mean power), a random level (-6..0 dB under a 0.9 peak)."""
-    import numpy as np
-
-    if params.room_rt60:
-        low, high = params.room_rt60
-        x = _fft_filter(x, room_response(rng, rng.uniform(low, high)))
-    if params.noise_snr_db:
-        low, high = params.noise_snr_db
-        power = np.mean(x**2) * 10 ** (-rng.uniform(low, high) / 10)
-        x = x + math.sqrt(power) * coloured_noise(rng, x.size)
-    return x * (0.9 / max(np.max(np.abs(x)), 1e-9)) * 10 ** (-rng.uniform(0, 6) / 20)
-
-
 def write_wav(synth: Synthesized, path: Path, params: DemoParams) -> None:
     import numpy as np
     import torch
@@ -376,7 +221,7 @@ def write_wav(synth: Synthesized, path: Path, params: DemoParams) -> None:
         x = torch.nn.functional.pad(x, (0, synth.num_output_samples - x.numel()))
     assert x.numel() == synth.num_output_samples, (x.numel(), synth.num_output_samples)
     if params.room_rt60 or params.noise_snr_db:
-        x = torch.from_numpy(room_and_noise(x.double().numpy(), _file_rng(params.seed, synth.job.fileid), params))
+        x = torch.from_numpy(room_and_noise(x.double().numpy(), file_rng(params.seed, synth.job.fileid), params))
     pcm = (x * 32768).round().clamp(-32768, 32767).to(torch.int16).numpy().astype("<i2")
     with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
