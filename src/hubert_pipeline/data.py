@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from hubert_pipeline.audio import load_audio, source_of
+from hubert_pipeline.audio import SAMPLE_RATE, load_audio, source_of
 from hubert_pipeline.io import project_root
 from hubert_pipeline.model_config import FAIRSEQ_CONV_LAYERS, conv_frames
 
@@ -149,7 +149,7 @@ class Collator:
         padded = bool(padding.any())
         attention_mask = ~padding[:, None, None, :] if padded else None
         lengths = torch.tensor([w.numel() for w, _ in crops]) if padded else None
-        return Batch(waveforms, labels, attention_mask, mask, sum(w.numel() for w, _ in crops) / 16_000, lengths)
+        return Batch(waveforms, labels, attention_mask, mask, sum(w.numel() for w, _ in crops) / SAMPLE_RATE, lengths)
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):

@@ -16,9 +16,8 @@ second of audio for 2 s crops, 4.3e10 for 5 s, 4.6e10 for 15.6 s (the attention'
 torch.utils.flop_counter's on the model (tests/test_flops.py).
 """
 
+from hubert_pipeline.audio import SAMPLE_RATE
 from hubert_pipeline.model_config import N_FFT, HubertConfig, conv_frames
-
-SAMPLE_RATE = 16_000
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from NVIDIA's data sheets. Matched in order against
 # torch.cuda.get_device_name(): the first key found in the name wins.

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SAMPLE_RATE = 16_000
+from hubert_pipeline.audio import SAMPLE_RATE
+
 GPUS_PER_NODE = 8
 
 
