@@ -1,15 +1,24 @@
 """Training on tiny real audio: loss falls, checkpoints exact, resume matches, DDP matches one process."""
 
+import dataclasses
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from conftest import write_wav
 
+import hubert_pipeline
+from hubert_pipeline.checkpoint import OtherRunError
 from hubert_pipeline.model import HuBERT, HubertConfig
 from hubert_pipeline.params import TrainParams, ValidateParams
 from hubert_pipeline.train import NonFiniteLossError, initial_model, list_checkpoints, train
@@ -39,6 +48,7 @@ CFG = TrainParams(
 )
 
 VALID = ValidateParams(max_batch_samples=200_000)
+PARAMS = Path(__file__).parents[1] / "params.yaml"
 
 
 def make_manifest(folder, n_files=12, classes=8):
@@ -209,6 +219,57 @@ def test_raising_max_steps_resumes_the_same_run(manifest, tmp_path):
     run_train(manifest, tmp_path, replace(CFG, max_steps=2))
     losses = run_train(manifest, tmp_path, replace(CFG, max_steps=4))
     assert sorted(losses) == [3, 4]
+
+
+def test_a_run_past_max_steps_is_not_resumed_nor_removed(manifest, tmp_path):
+    """Lowering max_steps after a run: its checkpoints past the new max_steps would pass for this run's."""
+    run_train(manifest, tmp_path, replace(CFG, max_steps=4))
+    before = {path: path.read_bytes() for _, path in list_checkpoints(tmp_path)}
+    with pytest.raises(OtherRunError, match=r"trained to step 4, beyond max_steps 2: remove the folder"):
+        run_train(manifest, tmp_path, replace(CFG, max_steps=2))
+    assert {path: path.read_bytes() for _, path in list_checkpoints(tmp_path)} == before
+
+
+def _train_cli(code: Path, params: Path, manifest: Path, out: Path) -> subprocess.CompletedProcess:
+    """`python -m hubert_pipeline.train` importing the library from `code` (a copy of it)."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    command = [sys.executable, "-m", "hubert_pipeline.train", str(manifest), str(out), "--num-classes", "8",
+               "--params", str(params)]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_a_run_of_other_training_code_stops_naming_the_module_and_resumes_only_when_asked(manifest, tmp_path):
+    """DVC reruns pretrain_itN when its code changed; its persisted checkpoints must not pass for the new code's."""
+    code = tmp_path / "code"
+    shutil.copytree(Path(hubert_pipeline.__file__).parent, code / "hubert_pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    params = yaml.safe_load(PARAMS.read_text())
+    params["train_it1"] = {**dataclasses.asdict(replace(CFG, max_steps=2, warmup_steps=1)), "betas": list(CFG.betas)}
+    params["model"] = {"size": "tiny", "overrides": NO_DROPOUT, "recipe": ""}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "checkpoints"
+    first = _train_cli(code, tmp_path / "params.yaml", manifest, out)
+    assert first.returncode == 0, first.stderr
+    saved = (out / "step_00000002.pt").read_bytes()
+
+    with (code / "hubert_pipeline" / "model.py").open("a") as f:
+        f.write("# an edit: the training code is not the one that wrote the checkpoints\n")
+    params["train_it1"]["max_steps"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    refused = _train_cli(code, tmp_path / "params.yaml", manifest, out)
+    assert refused.returncode != 0
+    assert "step_00000002.pt was written by other training code (changed: model.py)" in refused.stderr
+    assert "set resume_other_code: true" in refused.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert (out / "step_00000002.pt").read_bytes() == saved
+
+    params["train_it1"]["resume_other_code"] = True
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    resumed = _train_cli(code, tmp_path / "params.yaml", manifest, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(changed: model.py): resumed all the same" in resumed.stderr
+    assert "resuming from" in resumed.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
 
 
 def shuffled_units(manifest, out_folder):

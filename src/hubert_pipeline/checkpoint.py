@@ -1,11 +1,13 @@
 """Training checkpoints: where they are, whether they belong to this run, resuming from them and saving them.
 
 `OUT_DIR/step_XXXXXXXX.pt` holds model, optimizer, scheduler, scaler, the position in the data order (step, epoch,
-steps into the epoch), the run's shape (processes x micro-batches) and its fingerprint; it is written atomically
-and read back with `torch.load(weights_only=True)` (no pickle). A `Checkpointer` does it for one run, on every rank:
+steps into the epoch), the run's shape (processes x micro-batches), its fingerprint and the digests of the training
+code that wrote it (`sources.training_code`); it is written atomically and read back with
+`torch.load(weights_only=True)` (no pickle). A `Checkpointer` does it for one run, on every rank:
 
-    checkpointer = Checkpointer(out_dir, fingerprint=..., rank=..., world_size=..., meta=...)
-    checkpointer.init_state()                                 # folder ready, another run's checkpoints removed
+    checkpointer = Checkpointer(out_dir, fingerprint=..., rank=..., world_size=..., meta=..., max_steps=...)
+    checkpointer.init_state()                                 # folder ready, another configuration's run removed;
+                                                              # a run of other code or past max_steps: OtherRunError
     state = checkpointer.load_existing_run(model, opt, device, accumulate=...) or TrainState()
     checkpointer.save(model, opt, state)                      # every save_interval steps, and at the end
 """
@@ -44,14 +46,15 @@ def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
 def fingerprint(manifest: str | Path, num_classes: int, model_cfg: Any, cfg: "TrainParams") -> str:
     """What makes a checkpoint resumable: same units, classes, model and trajectory settings.
 
-    Left out: max_steps (a run can be extended), intervals, workers, and init_from (used only at step 0).
+    Left out: max_steps (a run can be extended), intervals, workers, init_from (used only at step 0) and
+    resume_other_code. The training code is not in it: a run of other code is an error, not another run to replace.
     """
     digest = hashlib.sha256()
     with Path(manifest).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     ignored = {"max_steps", "save_interval", "log_interval", "num_workers", "init_from", "compile", "processes",
-               "accumulate"}  # fmt: skip  # processes x accumulate: checked on resume with a clear error
+               "accumulate", "resume_other_code"}  # fmt: skip  # processes x accumulate: checked on resume
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ignored}
     key = json.dumps([digest.hexdigest(), num_classes, model_cfg.to_dict(), settings], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -66,15 +69,39 @@ class TrainState:
     steps_in_epoch: int = 0
 
 
+class OtherRunError(ValueError):
+    """The checkpoint folder holds a run of this configuration that this one must not resume; nothing is removed."""
+
+
+def _code_changes(saved: dict[str, str] | None, current: dict[str, str]) -> str:
+    if saved is None:
+        return "written before checkpoints recorded their code"
+    changed = sorted(m for m in saved.keys() | current.keys() if saved.get(m) != current.get(m))
+    return "changed: " + ", ".join(f"{m}.py" for m in changed)
+
+
 class Checkpointer:
-    """The checkpoints of one run in `out_dir`, on every rank: rank 0 writes, every rank waits for it (barrier)."""
+    """The checkpoints of one run in `out_dir`, on every rank: rank 0 writes, every rank waits for it (barrier).
+
+    A run in `out_dir` with this run's fingerprint is resumed if it is not past `max_steps` and the training code
+    that wrote it is this one (`meta["code"]`), or `resume_other_code` says to resume it anyway (with a warning).
+    """
 
     def __init__(
-        self, out_dir: str | Path, *, fingerprint: str, rank: int, world_size: int, meta: dict[str, Any]
+        self,
+        out_dir: str | Path,
+        *,
+        fingerprint: str,
+        rank: int,
+        world_size: int,
+        meta: dict[str, Any],
+        max_steps: int,
+        resume_other_code: bool = False,
     ) -> None:
         self.out_dir, self.fingerprint = Path(out_dir), fingerprint
         self.rank, self.world_size = rank, world_size
-        self.meta = meta  # saved with every checkpoint: num_classes, model_config, accumulate
+        self.meta = meta  # saved with every checkpoint: num_classes, model_config, accumulate, code
+        self.max_steps, self.resume_other_code = max_steps, resume_other_code
         self.last_path: Path | None = None  # the newest checkpoint of this run, once there is one
 
     def _barrier(self) -> None:
@@ -92,19 +119,40 @@ class Checkpointer:
             for stale in self.out_dir.glob(".step_*.tmp"):  # a checkpoint being written when the last run was killed
                 stale.unlink()
         checkpoints = list_checkpoints(self.out_dir)
-        if checkpoints:
-            saved = torch.load(checkpoints[-1][1], map_location="cpu", weights_only=True, mmap=True).get("fingerprint")
-            if saved == self.fingerprint:
-                self.last_path = checkpoints[-1][1]
-                return
-            logger.warning(
-                "%s holds checkpoints of another configuration (fingerprint %s, this run %s): starting afresh",
-                self.out_dir, saved, self.fingerprint,
-            )  # fmt: skip
-            if self.rank == 0:
-                for _, path in checkpoints:
-                    path.unlink()
-            self._barrier()
+        if not checkpoints:
+            return
+        saved = torch.load(checkpoints[-1][1], map_location="cpu", weights_only=True, mmap=True)
+        if saved.get("fingerprint") == self.fingerprint:
+            self._check_resumable(*checkpoints[-1], saved.get("code"))
+            self.last_path = checkpoints[-1][1]
+            return
+        logger.warning(
+            "%s holds checkpoints of another configuration (fingerprint %s, this run %s): starting afresh",
+            self.out_dir, saved.get("fingerprint"), self.fingerprint,
+        )  # fmt: skip
+        if self.rank == 0:
+            for _, path in checkpoints:
+                path.unlink()
+        self._barrier()
+
+    def _check_resumable(self, step: int, path: Path, code: dict[str, str] | None) -> None:
+        """Raises OtherRunError for a run past max_steps (its later checkpoints would pass for this run's) or one
+        of other training code (a resumed run would mix two codes), unless resume_other_code allows the latter."""
+        if step > self.max_steps:
+            raise OtherRunError(
+                f"{self.out_dir} holds a run trained to step {step}, beyond max_steps {self.max_steps}: remove the "
+                f"folder to train {self.max_steps} steps afresh (a run DVC committed stays in its cache)"
+            )
+        if code == self.meta.get("code"):
+            return
+        message = f"{path} was written by other training code ({_code_changes(code, self.meta.get('code', {}))})"
+        if self.resume_other_code:
+            logger.warning("%s: resumed all the same (resume_other_code)", message)
+            return
+        raise OtherRunError(
+            f"{message}; resuming it would mix two codes in one run. Remove {self.out_dir} to train afresh (a run "
+            "DVC committed stays in its cache), or set resume_other_code: true to resume it"
+        )
 
     def load_existing_run(
         self, model: torch.nn.Module, opt: "Optimization", device: torch.device, *, accumulate: int

@@ -172,6 +172,7 @@ class TrainParams:
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # autocast dtype on CUDA; CPU trains in float32
     compile: bool = False  # torch.compile the model (inductor; on CPU too)
     init_from: str = ""  # iteration 2: start from this checkpoint (path or models:/ URI) instead of random weights
+    resume_other_code: bool = False  # resume a run in the checkpoint folder written by other training code
 
 
 @dataclass(frozen=True)

@@ -312,6 +312,7 @@ def train(
     """
     from hubert_pipeline.data import read_labeled_manifest
     from hubert_pipeline.model import HubertConfig
+    from hubert_pipeline.sources import training_code
 
     rows = read_labeled_manifest(manifest)  # before any heavy work: a bad manifest fails at once
     if (top := max((int(r["units"].max()) for r in rows if len(r["units"])), default=0)) >= num_classes:
@@ -324,8 +325,11 @@ def train(
         fingerprint=fingerprint(manifest, num_classes, model_cfg, cfg),
         rank=env.rank,
         world_size=env.world_size,
-        meta={"accumulate": cfg.accumulate, "num_classes": num_classes, "model_config": model_cfg.to_dict()},
-    )
+        meta={"accumulate": cfg.accumulate, "num_classes": num_classes, "model_config": model_cfg.to_dict(),
+              "code": training_code()},
+        max_steps=cfg.max_steps,
+        resume_other_code=cfg.resume_other_code,
+    )  # fmt: skip
     checkpointer.init_state()
     model, opt = build_training(cfg, model_cfg, num_classes, device)
     state = checkpointer.load_existing_run(model, opt, device, accumulate=cfg.accumulate)
