@@ -12,17 +12,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 PACKAGE = Path(__file__).parent
-# What a stage logs and how it is launched, never what it computes: not followed, not a stage dependency.
+# How a stage reads its params, logs and is launched, never what it computes: not followed, not a stage dependency.
 BOOKKEEPING = {
     "cli": "argument parsing and logging set-up",
+    "params": "reads params.yaml: the values a stage uses are its DVC params, key by key (the fingerprint's too)",
     "tracking": "the MLflow run of a stage",
     "lineage": "MLflow tags naming a stage's inputs and outputs",
     "launch": "local or SLURM execution, the same outputs either way (tests/test_slurm.py)",
 }
-# Training modules the numbers of a run do not depend on (the params' values are in the checkpoint's fingerprint):
-# editing them does not stop a resume.
-NOT_NUMERIC = {"io": "atomic file writing", "params": "params.yaml parsing", "flops": "the FLOPs logged",
-               "sources": "these digests"}  # fmt: skip
+# Training modules the numbers of a run do not depend on: editing them does not stop a resume.
+NOT_NUMERIC = {"io": "atomic file writing", "flops": "the FLOPs logged", "sources": "these digests"}
 
 
 def _runtime_children(node: ast.AST) -> list[ast.AST]:
