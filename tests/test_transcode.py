@@ -12,10 +12,11 @@ import polars as pl
 import pytest
 import torch
 
+import hubert_pipeline
 from hubert_pipeline.audio import load_audio, source_of
 from hubert_pipeline.manifest import build_manifest
 from hubert_pipeline.params import ExecutionParams
-from hubert_pipeline.transcode import convert_corpus
+from hubert_pipeline.transcode import CODE_STAMP, convert_corpus
 
 pytestmark = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg CLI")
 
@@ -45,7 +46,7 @@ def test_converted_corpus_reads_as_the_resampled_original(mp3_48k, tmp_path, fmt
     report = convert_corpus(mp3_48k, tmp_path / "out", extensions=(".mp3",), fmt=fmt, execution=TWO)
     assert (report.converted, report.skipped) == (len(FILES), 0)
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.*")) == sorted(
-        f"{name}{extension}" for name in FILES
+        [f"{name}{extension}" for name in FILES] + [CODE_STAMP]
     )
     original, _ = build_manifest(mp3_48k, extension=".mp3", resample=True)
     converted, _ = build_manifest(tmp_path / "out", extension=extension)  # 16 kHz mono: no resampling needed
@@ -68,7 +69,28 @@ def test_a_rerun_skips_converted_files_and_redoes_changed_or_half_written_ones(m
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
     report = convert_corpus(corpus, out, extensions=(".mp3",), fmt="flac", execution=TWO)
     assert (report.converted, report.skipped) == (1, len(FILES) - 1)
-    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a_1.flac", "a_2.flac", "b.2.flac", "b_1.flac"]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["a_1.flac", "a_2.flac", "b.2.flac", "b_1.flac",
+                                                                     CODE_STAMP]  # fmt: skip
+
+
+def test_a_rerun_by_other_conversion_code_converts_every_file_again(mp3_48k, tmp_path):
+    """DVC reruns the convert stage when its code changed; the files the old code wrote must not be kept."""
+    code = tmp_path / "code"
+    shutil.copytree(Path(hubert_pipeline.__file__).parent, code / "hubert_pipeline",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    command = [sys.executable, "-m", "hubert_pipeline.transcode", str(mp3_48k), str(tmp_path / "out")]
+
+    def convert() -> subprocess.CompletedProcess:
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=True)
+
+    assert f"{len(FILES)} files converted" in convert().stdout
+    assert f"0 files converted (0.00 h), {len(FILES)} already converted" in convert().stdout  # the same code
+    with (code / "hubert_pipeline" / "audio.py").open("a") as f:
+        f.write("# an edit: the conversion code is not the one that wrote the files\n")
+    again = convert()
+    assert f"{len(FILES)} files converted" in again.stdout
+    assert "converted by other code (changed: audio.py), are converted again" in again.stderr
 
 
 def test_a_tar_corpus_converts_with_its_member_folders(mp3_48k, tmp_path):

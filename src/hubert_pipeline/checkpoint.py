@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import distributed as dist
 
+from hubert_pipeline.sources import describe_changes
+
 if TYPE_CHECKING:
     from hubert_pipeline.params import TrainParams
     from hubert_pipeline.step import Optimization
@@ -71,13 +73,6 @@ class TrainState:
 
 class OtherRunError(ValueError):
     """The checkpoint folder holds a run of this configuration that this one must not resume; nothing is removed."""
-
-
-def _code_changes(saved: dict[str, str] | None, current: dict[str, str]) -> str:
-    if saved is None:
-        return "written before checkpoints recorded their code"
-    changed = sorted(m for m in saved.keys() | current.keys() if saved.get(m) != current.get(m))
-    return "changed: " + ", ".join(f"{m}.py" for m in changed)
 
 
 class Checkpointer:
@@ -145,7 +140,7 @@ class Checkpointer:
             )
         if code == self.meta.get("code"):
             return
-        message = f"{path} was written by other training code ({_code_changes(code, self.meta.get('code', {}))})"
+        message = f"{path} was written by other training code ({describe_changes(code, self.meta.get('code', {}))})"
         if self.resume_other_code:
             logger.warning("%s: resumed all the same (resume_other_code)", message)
             return

@@ -3,7 +3,8 @@
 The static import graph: a module's imports at its top and in its functions, not those under `if TYPE_CHECKING:`.
 Followed from a stage's script it gives the library modules that stage runs (each must be one of its DVC deps:
 tests/test_imports.py); followed from `train` it gives the training code whose digests every checkpoint records,
-so that a run is not resumed by other code (`hubert_pipeline.checkpoint`).
+so that a run is not resumed by other code (`hubert_pipeline.checkpoint`), and from `transcode` the conversion code
+a converted folder records, so that a rerun does not keep files of other code (`hubert_pipeline.transcode`).
 """
 
 import ast
@@ -58,7 +59,21 @@ def computing_modules(modules: Iterable[str]) -> set[str]:
     return found
 
 
-def training_code() -> dict[str, str]:
-    """{module: sha256 of its source (16 hex digits)} of the code a training run's numbers depend on."""
-    modules = computing_modules(["train"]) - NOT_NUMERIC.keys()
+def code_digests(entry: str) -> dict[str, str]:
+    """{module: sha256 of its source (16 hex digits)} of the code the outputs of module `entry` depend on: it and
+    the modules it runs, but for the bookkeeping ones and those the numbers do not depend on."""
+    modules = computing_modules([entry]) - NOT_NUMERIC.keys()
     return {m: hashlib.sha256((PACKAGE / f"{m}.py").read_bytes()).hexdigest()[:16] for m in sorted(modules)}
+
+
+def training_code() -> dict[str, str]:
+    """The digests of the code a training run's numbers depend on (every checkpoint records them)."""
+    return code_digests("train")
+
+
+def describe_changes(saved: dict[str, str] | None, current: dict[str, str]) -> str:
+    """What differs between the code digests an output recorded and this code's, for a message."""
+    if saved is None:
+        return "written before its code was recorded"
+    changed = sorted(m for m in saved.keys() | current.keys() if saved.get(m) != current.get(m))
+    return "changed: " + ", ".join(f"{m}.py" for m in changed)

@@ -7,12 +7,16 @@ under the output folder, its file id kept (`<sub-folder>/<id>.flac`), atomically
 exactly); `wav16`, 16-bit PCM WAV (rounded to 16 bits, read back without decoding).
 
 Resumable: a converted file carries its source's modification time, and a rerun skips the files whose output has
-it; files of the output folder that no source gives any more (another format, a removed file) are deleted.
+it; files of the output folder that no source gives any more (another format, a removed file) are deleted. The
+folder's `conversion.json` records the digests of the conversion code (`sources.code_digests`): a rerun by other
+code (DVC reruns the stage when its code changed) converts every file again rather than keeping the old ones.
 
     python -m hubert_pipeline.transcode /corpora/cv/train outputs/converted/train --extension .mp3
 """
 
 import argparse
+import json
+import logging
 import os
 import struct
 import wave
@@ -27,9 +31,12 @@ if TYPE_CHECKING:
 
     from hubert_pipeline.params import ExecutionParams
 
+logger = logging.getLogger(__name__)
+
 Format = Literal["flac", "wav", "wav16"]
 SUFFIX: dict[Format, str] = {"flac": ".flac", "wav": ".wav", "wav16": ".wav"}
 FILES_PER_TASK = 64
+CODE_STAMP = "conversion.json"  # {module: digest} of the code that converted the folder's files
 INT16_SCALE = 32768.0
 WAVE_FORMAT_IEEE_FLOAT = 3
 
@@ -125,6 +132,22 @@ def prune(out: Path, keep: set[Path]) -> int:
     return removed
 
 
+def stamp_code(out: Path) -> Path:
+    """`out/conversion.json`, naming this conversion code; the files of other code (or of a folder converted before
+    the stamp) are removed first, to be converted again: every file under `out` is the stamped code's."""
+    from hubert_pipeline.io import write_json
+    from hubert_pipeline.sources import code_digests, describe_changes
+
+    code, stamp = code_digests("transcode"), out / CODE_STAMP
+    saved = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if saved != code:
+        if prune(out, set()):
+            logger.warning("%s: its files, converted by other code (%s), are converted again", out,
+                           describe_changes(saved, code))  # fmt: skip
+        write_json(stamp, code)
+    return stamp
+
+
 def convert_corpus(
     root: str | Path, out: str | Path, *, extensions: tuple[str, ...], fmt: Format, execution: "ExecutionParams"
 ) -> Report:
@@ -136,7 +159,7 @@ def convert_corpus(
     items = discover_all(root, extensions)
     check_unique_ids(items, root)
     pairs = [(asdict(src), str(output_path(fid, src, root, out, fmt))) for fid, src in items]
-    prune(out, {Path(dest) for _, dest in pairs})
+    prune(out, {Path(dest) for _, dest in pairs} | {stamp_code(out)})
     tasks = [{"pairs": pairs[i : i + FILES_PER_TASK], "fmt": fmt} for i in range(0, len(pairs), FILES_PER_TASK)]
     reports = map_tasks(convert_files, tasks, execution=execution, desc=f"convert {root}", threads=True)
     return Report(sum(r.converted for r in reports), sum(r.skipped for r in reports), sum(r.seconds for r in reports))
