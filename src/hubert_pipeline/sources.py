@@ -25,15 +25,16 @@ BOOKKEEPING = {
 NOT_NUMERIC = {"io": "atomic file writing", "flops": "the FLOPs logged", "sources": "these digests"}
 
 
-def _runtime_children(node: ast.AST) -> list[ast.AST]:
-    """The nodes under `node` that run: an `if TYPE_CHECKING:` block's `else` only."""
-    if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+def _children(node: ast.AST, *, type_checking: bool) -> list[ast.AST]:
+    """The nodes under `node`; without type_checking, those that run: an `if TYPE_CHECKING:` block's `else` only."""
+    if not type_checking and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
         return list(node.orelse)
     return list(ast.iter_child_nodes(node))
 
 
-def runtime_imports(path: Path) -> set[str]:
-    """hubert_pipeline modules a file imports when it runs: at the top or in functions, not under TYPE_CHECKING."""
+def library_imports(path: Path, *, type_checking: bool = False) -> set[str]:
+    """hubert_pipeline modules a file imports when it runs: at the top or in functions; with `type_checking`, also
+    those imported under TYPE_CHECKING (for the type checker only)."""
     found: set[str] = set()
     stack: list[ast.AST] = [ast.parse(path.read_text())]
     while stack:
@@ -44,7 +45,7 @@ def runtime_imports(path: Path) -> set[str]:
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
             found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("hubert_pipeline.")}
-        stack.extend(_runtime_children(node))
+        stack.extend(_children(node, type_checking=type_checking))
     return found
 
 
@@ -55,7 +56,7 @@ def computing_modules(modules: Iterable[str]) -> set[str]:
         module = stack.pop()
         if module not in found and module not in BOOKKEEPING:
             found.add(module)
-            stack.extend(runtime_imports(PACKAGE / f"{module}.py"))
+            stack.extend(library_imports(PACKAGE / f"{module}.py"))
     return found
 
 
